@@ -1,0 +1,262 @@
+"""The one Vision Transformer backbone shared by every objective and every evaluation.
+
+It wraps timm's ``VisionTransformer`` (plain or hybrid ResNet+ViT) and exposes the token
+contract the objectives need, in the order the forward pass runs:
+
+1. ``embed(images)``: patch embeddings ``[B, N, D]`` without position embeddings (for a hybrid
+   the convolution stem runs here), so an objective can replace chosen embeddings;
+2. ``encode(tokens, grid, keep=None)``: add (resampled) position embeddings, optionally keep
+   only a subset of patch tokens, prepend the class token, run the blocks and the final norm;
+3. ``pool(features)``: the representation (class token, or mean of patch tokens).
+
+For hybrids, masked objectives must hide patches before the stem (``blank_patches``): the
+convolutions see neighbouring pixels, so masking after the stem would leak masked content.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import timm
+import torch
+from einops import rearrange
+from timm.layers import resample_abs_pos_embed
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Preset:
+    timm_name: str
+    patch_size: int  # on the image for a ViT, on the CNN feature map for a hybrid
+    hybrid: bool = False
+
+
+# Our preset names -> timm models. ``r_vit_tiny`` embeds the ResNet root's stride-4 map with
+# 4x4 patches, so its total stride is 16 as the paper's name "R+ViT-Ti/16" says (timm's own
+# ``vit_tiny_r_s16_p8_224`` uses 8x8 patches, total stride 32: pass ``--patch-size 8`` for it).
+PRESETS: dict[str, Preset] = {
+    "vit_tiny": Preset("vit_tiny_patch16_224", 16),
+    "vit_small": Preset("vit_small_patch16_224", 16),
+    "vit_base": Preset("vit_base_patch16_224", 16),
+    "vit_large": Preset("vit_large_patch16_224", 16),
+    "vit_huge": Preset("vit_huge_patch14_224", 14),
+    "r50_vit_base": Preset("vit_base_r50_s16_224", 1, hybrid=True),
+    "r26_vit_small": Preset("vit_small_r26_s32_224", 1, hybrid=True),
+    "r_vit_tiny": Preset("vit_tiny_r_s16_p8_224", 4, hybrid=True),
+}
+
+
+class BackboneError(ValueError):
+    """A backbone setting that cannot work; the message says what would."""
+
+
+@dataclass
+class BackboneConfig:
+    """Everything needed to rebuild a backbone; saved in every checkpoint as plain values."""
+
+    model: str = "vit_tiny"  # a preset name or any timm ViT name
+    patch_size: Optional[int] = None  # None: the preset's
+    img_size: int = 224
+    depth: Optional[int] = None  # None: the preset's; fewer layers make quick CPU runs
+    global_pool: str = "token"  # "token" (class token) or "avg" (mean of patch tokens)
+    pos_embed: str = "learned"  # "learned", or "sincos": fixed 2-D sin-cos (MAE)
+    drop_path_rate: float = 0.0
+    in_chans: int = 3
+
+
+def _timm_kwargs(cfg: BackboneConfig) -> tuple[str, dict]:
+    if cfg.global_pool not in ("token", "avg"):
+        raise BackboneError(f"global_pool={cfg.global_pool!r}: use 'token' or 'avg'")
+    if cfg.pos_embed not in ("learned", "sincos"):
+        raise BackboneError(f"pos_embed={cfg.pos_embed!r}: use 'learned' or 'sincos'")
+    kwargs = dict(
+        img_size=cfg.img_size,
+        num_classes=0,
+        global_pool=cfg.global_pool,
+        drop_path_rate=cfg.drop_path_rate,
+        in_chans=cfg.in_chans,
+        dynamic_img_size=True,  # any grid at run time: position embeddings are resampled
+    )
+    if cfg.depth is not None:
+        kwargs["depth"] = cfg.depth
+    if cfg.model in PRESETS:
+        preset = PRESETS[cfg.model]
+        kwargs["patch_size"] = cfg.patch_size or preset.patch_size
+        return preset.timm_name, kwargs
+    if cfg.model in timm.list_models():
+        if cfg.patch_size is not None:
+            kwargs["patch_size"] = cfg.patch_size
+        return cfg.model, kwargs
+    raise BackboneError(
+        f"unknown model {cfg.model!r}: use a preset ({', '.join(PRESETS)}) "
+        "or a timm ViT name (see timm.list_models('vit_*'))"
+    )
+
+
+def _stem_stride(embed: nn.Module, in_chans: int) -> int:
+    """Total stride of a hybrid's CNN stem, found by running it once on a probe image."""
+    probe = 256
+    with torch.no_grad():
+        out = embed.backbone(torch.zeros(1, in_chans, probe, probe))
+    if isinstance(out, (list, tuple)):
+        out = out[-1]
+    return probe // out.shape[-1]
+
+
+class Backbone(nn.Module):
+    """A timm ViT (``self.vit``, timm key names) with the token contract of the module docstring."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.cfg = cfg
+        name, kwargs = _timm_kwargs(cfg)
+        try:
+            vit = timm.create_model(name, pretrained=False, **kwargs)
+        except (TypeError, AssertionError) as err:
+            raise BackboneError(f"timm could not build {name!r} with {kwargs}: {err}") from err
+        if not isinstance(vit, VisionTransformer):
+            raise BackboneError(f"{cfg.model!r} is a {type(vit).__name__}, not a timm VisionTransformer")
+        self.vit = vit
+        self.is_hybrid = hasattr(vit.patch_embed, "backbone")
+        embed_patch = vit.patch_embed.patch_size[0]
+        self.stem_stride = _stem_stride(vit.patch_embed, cfg.in_chans) if self.is_hybrid else 1
+        self.pixel_patch_size = self.stem_stride * embed_patch  # pixels per token side
+        self.check_img_size(cfg.img_size)
+        if cfg.pos_embed == "sincos":
+            self._fix_sincos_pos_embed()
+
+    # ----- geometry -----
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens
+
+    @property
+    def base_grid(self) -> tuple[int, int]:
+        """Grid the learned position embeddings were made for."""
+        return tuple(self.vit.patch_embed.grid_size)
+
+    def check_img_size(self, img_size: int) -> None:
+        p = self.pixel_patch_size
+        what = (
+            f"{self.cfg.model}'s total stride {p} (stem stride {self.stem_stride} x patch "
+            f"{p // self.stem_stride})" if self.is_hybrid else f"the patch size {p}"
+        )
+        if img_size % p != 0:
+            nearest = max(p, round(img_size / p) * p)
+            raise BackboneError(
+                f"image size {img_size} is not divisible by {what}; use a multiple of {p} such as {nearest}"
+            )
+
+    def grid_size(self, images: torch.Tensor) -> tuple[int, int]:
+        h, w = images.shape[-2:]
+        p = self.pixel_patch_size
+        if h % p or w % p:
+            raise BackboneError(f"input of {h}x{w} pixels is not divisible by the patch size {p}")
+        return h // p, w // p
+
+    # ----- pixel space -----
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, N, p*p*C], patches in raster order, pixels (p, p, C) inside."""
+        p = self.pixel_patch_size
+        return rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)
+
+    def unpatchify(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """[B, N, p*p*C] -> [B, C, H, W], the inverse of ``patchify``."""
+        p = self.pixel_patch_size
+        return rearrange(patches, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=grid[0], w=grid[1], p1=p, p2=p)
+
+    def blank_patches(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Set the pixels of masked patches to 0 (the data mean after normalisation).
+
+        images: [B, C, H, W]; mask: [B, N] bool, True = blank. Used before a hybrid's stem so
+        masked content cannot leak into visible tokens through the convolutions.
+        """
+        patches = self.patchify(images)
+        patches = patches.masked_fill(mask.unsqueeze(-1), 0.0)
+        return self.unpatchify(patches, self.grid_size(images))
+
+    # ----- token contract -----
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings without position: [B, C, H, W] -> [B, N, D]."""
+        self.grid_size(images)  # clear error for a bad size
+        tokens = self.vit.patch_embed(images)  # [B, h, w, D] (dynamic size -> NHWC)
+        return rearrange(tokens, "b h w d -> b (h w) d")
+
+    def position_embedding(self, grid: tuple[int, int]) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """(prefix position embeddings [1, P, D] or None, patch position embeddings [1, h*w, D])."""
+        vit = self.vit
+        n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        pos = resample_abs_pos_embed(vit.pos_embed, new_size=grid, old_size=self.base_grid, num_prefix_tokens=n_prefix)
+        return (pos[:, :n_prefix] if n_prefix else None), pos[:, n_prefix:]
+
+    def encode(
+        self, tokens: torch.Tensor, grid: tuple[int, int], keep: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Run the Transformer on patch embeddings.
+
+        tokens: [B, N, D] from ``embed`` (possibly with some embeddings replaced);
+        keep: optional [B, K] indices of the patch tokens to encode (MAE encodes visible ones only).
+        Returns [B, P + K, D]: P prefix tokens (class token first), then the kept patch tokens.
+        """
+        vit = self.vit
+        prefix_pos, patch_pos = self.position_embedding(grid)
+        x = tokens + patch_pos
+        if keep is not None:
+            x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, K, D]
+        prefix = []
+        if vit.cls_token is not None:
+            prefix.append(vit.cls_token.expand(x.shape[0], -1, -1))
+        if vit.reg_token is not None:
+            prefix.append(vit.reg_token.expand(x.shape[0], -1, -1))
+        if prefix:
+            prefix = torch.cat(prefix, dim=1)
+            if prefix_pos is not None:
+                prefix = prefix + prefix_pos
+            x = torch.cat([prefix, x], dim=1)
+        x = vit.norm_pre(vit.pos_drop(x))
+        if vit.grad_checkpointing and self.training:
+            x = checkpoint_seq(vit.blocks, x)
+        else:
+            x = vit.blocks(x)
+        return vit.norm(x)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, P + N, D] output tokens."""
+        return self.encode(self.embed(images), self.grid_size(images))
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, P + N, D] -> [B, D]: the representation (class token or mean of patch tokens)."""
+        return self.vit.forward_head(features, pre_logits=True)
+
+    def patch_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, P + N, D] -> [B, N, D]."""
+        return features[:, self.num_prefix_tokens:]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, D] representation."""
+        return self.pool(self.forward_features(images))
+
+    # ----- position embedding variants -----
+    def _fix_sincos_pos_embed(self) -> None:
+        """Fixed 2-D sin-cos position embeddings (MAE); prefix positions get zeros."""
+        vit = self.vit
+        if self.embed_dim % 4:
+            raise BackboneError(f"sincos position embeddings need a width divisible by 4, got {self.embed_dim}")
+        grid = build_sincos2d_pos_embed(list(self.base_grid), dim=self.embed_dim)  # [h*w, D]
+        n_prefix = vit.pos_embed.shape[1] - grid.shape[0]
+        table = torch.cat([torch.zeros(n_prefix, self.embed_dim), grid], dim=0)
+        with torch.no_grad():
+            vit.pos_embed.copy_(table.unsqueeze(0))
+        vit.pos_embed.requires_grad_(False)
+
+
+def build_backbone(cfg: BackboneConfig) -> Backbone:
+    return Backbone(cfg)

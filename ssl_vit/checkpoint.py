@@ -1,0 +1,142 @@
+"""``ckpt.pt``: what the eval modules read, and how any backbone is rebuilt from it.
+
+A checkpoint holds plain tensors and plain Python values only, so it loads with
+``torch.load(weights_only=True)``: the backbone's architecture (a ``BackboneConfig`` as a dict),
+its state dict with timm key names, the objective and its config, the step and the data set.
+Files are written atomically (temporary file, then rename): a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any, Optional
+
+import torch
+
+from .backbone import Backbone, BackboneConfig
+
+FORMAT = "ssl_vit"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable ssl_vit checkpoint; the message says why."""
+
+
+def atomic_write(path: str, write) -> None:
+    """Call ``write(tmp_path)`` and rename the result to ``path`` in one step."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(path: str, backbone: Backbone, *, objective: str, objective_config: dict,
+                    train_config: dict, step: int, data: dict, extra: Optional[dict] = None) -> None:
+    """Write ``ckpt.pt`` atomically (see the module docstring for its contents)."""
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": dataclasses.asdict(backbone.cfg),
+        "state_dict": _cpu_state(backbone.vit),
+        "objective": objective,
+        "objective_config": objective_config,
+        "train_config": train_config,
+        "step": int(step),
+        "data": data,
+        **(extra or {}),
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Read a ``ckpt.pt`` safely (weights_only) with errors that say what is wrong."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path} is not a readable ssl_vit checkpoint (truncated, or another kind of file): {err}"
+        ) from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is a PyTorch file but not an ssl_vit checkpoint (no 'format': 'ssl_vit' entry); "
+            "pass a ckpt.pt written by an ssl_vit recipe, timm:MODEL_NAME, or a .safetensors export"
+        )
+    return ckpt
+
+
+def backbone_from_checkpoint(ckpt: dict, state_key: str = "state_dict") -> Backbone:
+    """Rebuild the backbone a checkpoint describes and load its weights."""
+    cfg = BackboneConfig(**ckpt["arch"])
+    backbone = Backbone(cfg)
+    try:
+        backbone.vit.load_state_dict(ckpt[state_key])
+    except RuntimeError as err:
+        raise CheckpointError(f"the weights do not fit the architecture {ckpt['arch']}: {err}") from err
+    return backbone
+
+
+def export_safetensors(ckpt_path: str, out_path: str, state_key: str = "state_dict") -> None:
+    """Write the backbone alone as safetensors, loadable by ``timm.create_model(name, pretrained=True,
+    pretrained_cfg_overlay=dict(file=out_path), **timm_kwargs)``; both are stored in the metadata."""
+    from safetensors.torch import save_file
+
+    from .backbone import _timm_kwargs
+
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = BackboneConfig(**ckpt["arch"])
+    timm_name, timm_kwargs = _timm_kwargs(cfg)
+    metadata = {
+        "format": FORMAT,
+        "arch": json.dumps(ckpt["arch"]),
+        "timm_name": timm_name,
+        "timm_kwargs": json.dumps(timm_kwargs),
+        "objective": ckpt["objective"],
+        "step": str(ckpt["step"]),
+        "data": json.dumps(ckpt.get("data", {})),
+    }
+    tensors = {k: v.contiguous() for k, v in ckpt[state_key].items()}
+    atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_backbone(spec: str) -> tuple[Backbone, dict[str, Any]]:
+    """Any backbone by name: an ssl_vit ``ckpt.pt``, ``timm:MODEL_NAME`` (random init) or a
+    ``.safetensors`` export. Returns the backbone in eval mode and what is known about it."""
+    if spec.startswith("timm:"):
+        cfg = BackboneConfig(model=spec[len("timm:"):])
+        backbone = Backbone(cfg)
+        info = {"arch": dataclasses.asdict(cfg), "objective": "random-init", "step": 0, "data": {}}
+    elif spec.endswith(".safetensors"):
+        if not os.path.exists(spec):
+            raise CheckpointError(f"checkpoint {spec} does not exist")
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(spec, "pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{spec} has no ssl_vit metadata; export it with python -m ssl_vit.export")
+        arch = json.loads(meta["arch"])
+        info = {"arch": arch, "objective": meta.get("objective"), "step": int(meta.get("step", 0)),
+                "data": json.loads(meta.get("data", "{}"))}
+        backbone = backbone_from_checkpoint({"arch": arch, "state_dict": load_file(spec)})
+    else:
+        ckpt = load_checkpoint(spec)
+        backbone = backbone_from_checkpoint(ckpt)
+        info = {k: v for k, v in ckpt.items() if k not in ("state_dict",) and not k.endswith("state_dict")}
+    return backbone.eval(), info

@@ -1,0 +1,137 @@
+"""Typed run configuration and the command line built from it.
+
+Flags come from three dataclasses: ``TrainConfig`` (data, optimisation, run folder),
+``BackboneConfig`` and the objective's own ``Config``. Precedence: the recipe's defaults, then
+``--config FILE`` (JSON or TOML with the same keys), then flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .backbone import BackboneConfig
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "default"  # "default", a local folder or Parquet file, or a Hugging Face hub name
+    image_column: Optional[str] = None  # detected when not given
+    label_column: Optional[str] = None  # detected when not given
+    streaming: bool = False  # stream a hub data set instead of downloading it
+    skip_bad_images: bool = False  # skip and count unreadable images instead of stopping
+    num_workers: int = 2
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop scale range
+    hflip: bool = True
+    # optimisation
+    steps: int = 1000  # optimizer steps; 0 writes the random-init checkpoint
+    batch_size: int = 64  # images per optimizer step, over all processes and accumulation
+    grad_accum: int = 1  # micro-batches per optimizer step
+    optimizer: str = "adamw"  # any timm optimizer name: adamw, adam, sgd, lamb...
+    lr: float = 1e-3  # peak learning rate (at --lr-ref-batch when that is set)
+    lr_ref_batch: Optional[int] = None  # scale lr linearly: lr * batch_size / lr_ref_batch
+    min_lr: float = 0.0
+    warmup_steps: Optional[int] = None  # None: 10% of the steps, at most 10,000 (the paper's)
+    weight_decay: float = 0.1  # none on biases, norms, tokens and position embeddings
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 1.0  # max global gradient norm; 0 disables clipping
+    precision: str = "no"  # no | bf16 | fp16
+    seed: int = 0
+    # run folder
+    out: Optional[str] = None  # run folder; default runs/<objective>-<data>-<model>
+    save_every: int = 500  # training state every N steps (resume point)
+    log_every: int = 10
+    eval_every: int = 0  # test metric every N steps (0: at the end only)
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
+    compile: bool = False  # torch.compile the objective
+
+
+@dataclass
+class RunConfig:
+    objective: str
+    train: TrainConfig = field(default_factory=TrainConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    objective_config: Any = None
+
+    def to_dict(self) -> dict:
+        return {
+            "objective": self.objective,
+            "train": dataclasses.asdict(self.train),
+            "backbone": dataclasses.asdict(self.backbone),
+            "objective_config": dataclasses.asdict(self.objective_config),
+        }
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, defaults: dict, group: str) -> None:
+    hints = typing.get_type_hints(cls)
+    g = parser.add_argument_group(group)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = defaults.get(f.name, f.default)
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType):  # Optional[X]
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+            origin = typing.get_origin(tp)
+        if tp is bool:
+            g.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default)
+        elif origin is tuple:
+            args = typing.get_args(tp)
+            g.add_argument(_flag(f.name), type=args[0], nargs=len(args), default=default, metavar=f.name.upper())
+        else:
+            g.add_argument(_flag(f.name), type=tp, default=default)
+
+
+def _read_config_file(path: str) -> dict:
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh) if path.endswith(".toml") else json.load(fh)
+    flat = {}
+    for key, value in data.items():  # accept both a flat file and a saved config.json
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return {k.replace("-", "_"): v for k, v in flat.items() if k != "objective"}
+
+
+def parse_run_config(objective: str, objective_config_cls, defaults: Optional[dict] = None,
+                     argv: Optional[list[str]] = None, description: str = "") -> RunConfig:
+    """Build the parser from the three dataclasses, apply the recipe's defaults, parse argv."""
+    defaults = dict(defaults or {})
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        defaults.update(_read_config_file(known.config))
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="JSON or TOML file of settings (flags override it)")
+    groups = [(TrainConfig, "training"), (BackboneConfig, "backbone"), (objective_config_cls, objective)]
+    names = [f.name for cls, _ in groups for f in dataclasses.fields(cls)]
+    dup = {n for n in names if names.count(n) > 1}
+    assert not dup, f"config fields defined twice: {dup}"
+    unknown = set(defaults) - set(names)
+    if unknown:
+        raise SystemExit(f"unknown settings {sorted(unknown)} (from the recipe or --config)")
+    for cls, title in groups:
+        _add_fields(parser, cls, defaults, title)
+    args = vars(parser.parse_args(argv))
+
+    def build(cls):
+        kw = {f.name: args[f.name] for f in dataclasses.fields(cls)}
+        for k, v in kw.items():
+            if isinstance(v, list):
+                kw[k] = tuple(v)
+        return cls(**kw)
+
+    return RunConfig(objective, build(TrainConfig), build(BackboneConfig), build(objective_config_cls))

@@ -1,0 +1,10 @@
+"""Data: naming a data set (``sources``), augmenting it (``transforms``), batching it (``loader``)."""
+
+from .loader import BadImageError, EpochSampler, ImageDataset, collate, make_loader
+from .sources import DataError, DataSource, load_data
+from .transforms import MEAN, STD, denormalize, eval_transform, train_transform
+
+__all__ = [
+    "BadImageError", "DataError", "DataSource", "EpochSampler", "ImageDataset", "MEAN", "STD",
+    "collate", "denormalize", "eval_transform", "load_data", "make_loader", "train_transform",
+]

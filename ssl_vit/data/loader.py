@@ -1,0 +1,157 @@
+"""From a ``datasets`` split to batches: decoding, seeded augmentation, sharding, resumable order.
+
+Why not accelerate's prepared DataLoader: exact resume needs the order of every epoch and every
+random crop to be a function of (seed, epoch, index) alone, whatever the number of workers or
+processes and wherever a run was stopped. The sampler below yields (epoch, index) pairs, and
+each example is augmented under its own seed, so a resumed run sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from typing import Callable, Iterator, Optional
+
+import torch
+from PIL import Image
+from datasets import Dataset, Image as ImageFeature
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import default_collate
+
+from .sources import DataError
+
+
+class BadImageError(DataError):
+    """An image that cannot be decoded; names the file (or row) and the way to skip it."""
+
+
+def _seed_for(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class ImageDataset(TorchDataset):
+    """Decodes one row, converts it to RGB and augments it under the seed of (seed, epoch, index).
+
+    Items are ``{"image": tensor or list of crops, "label": int, "index": int}``, or ``None`` for
+    an unreadable image when ``skip_bad_images`` is set (the collate function counts those).
+    """
+
+    def __init__(
+        self,
+        ds: Dataset,
+        image_column: str,
+        label_column: Optional[str],
+        transform: Callable,
+        seed: int = 0,
+        skip_bad_images: bool = False,
+        split: str = "train",
+    ):
+        feat = ds.features.get(image_column)
+        if isinstance(feat, ImageFeature):  # decode ourselves to name broken files
+            ds = ds.cast_column(image_column, ImageFeature(decode=False))
+        self.ds, self.image_column, self.label_column = ds, image_column, label_column
+        self.transform, self.seed, self.skip_bad_images, self.split = transform, seed, skip_bad_images, split
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def _decode(self, value, index: int) -> Image.Image:
+        where = f"row {index} of the {self.split} split"
+        try:
+            if isinstance(value, Image.Image):
+                img = value
+            elif isinstance(value, dict):
+                where = value.get("path") or where
+                img = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+            else:
+                raise TypeError(f"expected image bytes, a path or a PIL image, got {type(value).__name__}")
+            return img.convert("RGB")  # forces the full decode, so a truncated file fails here
+        except Exception as err:
+            raise BadImageError(
+                f"cannot read image {where}: {err}. Pass --skip-bad-images to skip unreadable "
+                "images (they are counted and reported)"
+            ) from err
+
+    def __getitem__(self, item) -> Optional[dict]:
+        epoch, index = item if isinstance(item, tuple) else (0, item)
+        row = self.ds[int(index)]
+        try:
+            img = self._decode(row[self.image_column], int(index))
+        except BadImageError:
+            if self.skip_bad_images:
+                return None
+            raise
+        # Augment under this example's own seed (torch and python RNGs), leaving global state alone.
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            seed = _seed_for(self.seed, epoch, int(index))
+            torch.manual_seed(seed)
+            random.seed(seed)
+            image = self.transform(img)
+        random.setstate(py_state)
+        out = {"image": image, "index": int(index)}
+        if self.label_column is not None:
+            out["label"] = int(row[self.label_column])
+        return out
+
+
+def collate(items: list[Optional[dict]]) -> dict:
+    """Stack examples (multi-crop lists become lists of batches) and count skipped ones."""
+    kept = [it for it in items if it is not None]
+    batch = default_collate(kept) if kept else {}
+    batch["skipped"] = len(items) - len(kept)
+    return batch
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` for this process: a seeded permutation of each epoch, cut to
+    whole optimizer steps, dealt out to the processes, and resumable at any batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True, batches_per_step: int = 1):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        per_step = batch_size * world_size * batches_per_step
+        if drop_last and n < per_step:
+            raise DataError(
+                f"the data set has {n} examples, fewer than one optimizer step needs ({per_step}); "
+                "lower --batch-size"
+            )
+        self.usable = (n // per_step) * per_step if drop_last else n
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        per_rank = len(range(self.rank, self.usable, self.world_size))
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g)[: self.usable]
+        else:
+            order = torch.arange(self.usable)
+        mine = order[self.rank :: self.world_size][self.start_batch * self.batch_size :]
+        return iter([(self.epoch, int(i)) for i in mine])
+
+    def __len__(self) -> int:
+        per_rank = len(range(self.rank, self.usable, self.world_size))
+        return max(0, per_rank - self.start_batch * self.batch_size)
+
+
+def make_loader(dataset: ImageDataset, sampler: EpochSampler, num_workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=sampler.batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=sampler.drop_last,
+        persistent_workers=False,  # the sampler changes per epoch and on resume
+        generator=torch.Generator().manual_seed(sampler.seed),  # keeps the global RNG untouched
+    )

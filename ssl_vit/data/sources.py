@@ -1,0 +1,161 @@
+"""Resolve ``--data`` to train and test splits of Hugging Face ``datasets``.
+
+One naming scheme, shared by the recipes and the eval modules:
+
+* ``default``: scikit-learn's handwritten digits (1,797 real 8x8 scans shipped inside the
+  installed package), so the first run needs no network;
+* a local folder with ``*train*.parquet`` / ``*test*.parquet`` files, or with ``train/`` and
+  ``test/`` image folders (``datasets``' imagefolder), or a single Parquet file;
+* a Hugging Face hub name such as ``cifar10`` (optionally streamed).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import datasets
+from datasets import ClassLabel, Dataset, IterableDataset
+
+HFData = Union[Dataset, IterableDataset]
+
+IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture")
+LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "target", "class")
+LOCAL_FORMS = (
+    "  --data default                     the embedded digits data set\n"
+    "  --data path/to/folder              *train*.parquet and *test*.parquet inside, or train/ and test/ image folders\n"
+    "  --data path/to/file.parquet        one Parquet file (10% is held out as the test split)"
+)
+HELD_OUT_FRACTION = 0.1  # test split carved from a source that has none
+
+
+class DataError(ValueError):
+    """A data set that cannot be used as given; the message says what would work."""
+
+
+@dataclass
+class DataSource:
+    """Train and test splits plus the column names to read."""
+
+    name: str
+    train: HFData
+    test: Optional[HFData]
+    image_column: str
+    label_column: Optional[str]
+    class_names: Optional[list[str]]
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return len(self.class_names) if self.class_names else None
+
+    @property
+    def has_labels(self) -> bool:
+        return self.label_column is not None
+
+
+def _digits() -> datasets.DatasetDict:
+    """scikit-learn's digits as 8x8 greyscale images, split 80/20 with a fixed seed."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [Image.fromarray(np.uint8(np.round(img * 255.0 / 16.0)), mode="L") for img in digits.images]
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": ClassLabel(names=[str(d) for d in range(10)])}
+    )
+    ds = Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+    return ds.train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
+
+
+def _hold_out(ds: Dataset, label_column: Optional[str]) -> datasets.DatasetDict:
+    stratify = label_column if label_column and isinstance(ds.features[label_column], ClassLabel) else None
+    return ds.train_test_split(test_size=HELD_OUT_FRACTION, seed=0, stratify_by_column=stratify)
+
+
+def _load_local(path: str) -> dict[str, HFData]:
+    if os.path.isfile(path):
+        if not path.endswith(".parquet"):
+            raise DataError(f"{path} is a file but not a .parquet file; local data forms:\n{LOCAL_FORMS}")
+        return {"train": datasets.load_dataset("parquet", data_files=path, split="train")}
+    train = sorted(glob.glob(os.path.join(path, "*train*.parquet")))
+    test = sorted(glob.glob(os.path.join(path, "*test*.parquet")))
+    if train:
+        files = {"train": train, **({"test": test} if test else {})}
+        return dict(datasets.load_dataset("parquet", data_files=files))
+    if os.path.isdir(os.path.join(path, "train")):
+        return dict(datasets.load_dataset("imagefolder", data_dir=path))
+    raise DataError(
+        f"{path} holds neither *train*.parquet files nor a train/ image folder; local data forms:\n{LOCAL_FORMS}"
+    )
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".parquet") or os.sep + os.sep in spec
+
+
+def _load_hub(name: str, streaming: bool) -> dict[str, HFData]:
+    try:
+        return dict(datasets.load_dataset(name, streaming=streaming))
+    except Exception as err:  # the hub raises many types (offline, not found, gated)
+        raise DataError(
+            f"could not load {name!r} from the Hugging Face hub ({type(err).__name__}: {err}).\n"
+            f"No local path {name!r} exists either. Local data forms:\n{LOCAL_FORMS}"
+        ) from err
+
+
+def _pick_column(ds: HFData, wanted: Optional[str], names: tuple[str, ...], feature_type, what: str, data: str):
+    features = ds.features or {}
+    columns = list(features) if features else list(ds.column_names or [])
+    if wanted is not None:
+        if wanted not in columns:
+            raise DataError(f"{data} has no {what} column {wanted!r}; its columns are {columns}")
+        return wanted
+    for col, feat in features.items():
+        if isinstance(feat, feature_type):
+            return col
+    for col in names:
+        if col in columns:
+            return col
+    return None
+
+
+def load_data(
+    spec: str = "default",
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    streaming: bool = False,
+) -> DataSource:
+    """Turn a ``--data`` value into a ``DataSource`` (see the module docstring for the forms)."""
+    if spec == "default":
+        splits = dict(_digits())
+    elif os.path.exists(os.path.expanduser(spec)):
+        splits = _load_local(os.path.expanduser(spec))
+    elif _looks_like_path(spec):
+        raise DataError(f"data path {spec!r} does not exist; local data forms:\n{LOCAL_FORMS}")
+    else:
+        splits = _load_hub(spec, streaming)
+
+    train = splits.get("train")
+    if train is None:
+        raise DataError(f"{spec} has no train split (it has {sorted(splits)})")
+    image_col = _pick_column(train, image_column, IMAGE_COLUMN_NAMES, datasets.Image, "image", spec)
+    if image_col is None:
+        raise DataError(f"{spec} has no image column (columns: {train.column_names}); name it with --image-column")
+    label_col = _pick_column(train, label_column, LABEL_COLUMN_NAMES, ClassLabel, "label", spec)
+
+    test = splits.get("test", splits.get("validation"))
+    if test is None and isinstance(train, Dataset):
+        held = _hold_out(train, label_col)
+        train, test = held["train"], held["test"]
+
+    class_names = None
+    if label_col is not None:
+        feat = (train.features or {}).get(label_col)
+        if isinstance(feat, ClassLabel):
+            class_names = list(feat.names)
+        elif isinstance(train, Dataset):  # plain integer labels 0..K-1
+            class_names = [str(v) for v in range(int(max(train[label_col])) + 1)]
+    return DataSource(spec, train, test, image_col, label_col, class_names)

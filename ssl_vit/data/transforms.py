@@ -1,0 +1,47 @@
+"""Image augmentations (torchvision v2): the training crop, the evaluation resize."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.transforms import v2
+
+MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
+STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
+
+
+def to_normalized_tensor(mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> v2.Compose:
+    """PIL image -> float tensor [C, H, W], normalised with (mean, std)."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def train_transform(
+    img_size: int,
+    scale: Sequence[float] = (0.08, 1.0),
+    hflip: bool = True,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
+) -> v2.Compose:
+    """Inception crop (random resized crop) and horizontal flip, the ViT paper's augmentation."""
+    steps = [v2.RandomResizedCrop(img_size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps + [to_normalized_tensor(mean, std)])
+
+
+def eval_transform(img_size: int, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> v2.Compose:
+    """Resize the short side to the model's input size and centre-crop it."""
+    return v2.Compose([
+        v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(img_size),
+        to_normalized_tensor(mean, std),
+    ])
+
+
+def denormalize(images: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
+    """Invert the normalisation: [B, C, H, W] normalised -> pixels in 0..1."""
+    m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return images * s + m

@@ -1,0 +1,90 @@
+"""The objective contract: a module built from the shared backbone that turns a batch into a loss.
+
+The training loop knows nothing else about an objective. Optional hooks let an objective keep
+state that changes once per optimizer step (EMA teachers, centres, schedules).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from ..data import train_transform
+
+
+@dataclass
+class DataInfo:
+    """What an objective may need to know about the data: classes and normalisation."""
+
+    name: str
+    num_classes: Optional[int]
+    class_names: Optional[list[str]]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    img_size: int
+
+
+@dataclass
+class StepInfo:
+    """Where the run is, passed to the hooks (steps count optimizer steps)."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    steps_per_epoch: int
+
+
+class Objective(nn.Module):
+    """Base class: subclasses set ``Config`` and implement ``forward``."""
+
+    Config: type = object  # a dataclass with the objective's own settings (flags of the recipe)
+    needs_labels: bool = False
+
+    def __init__(self, backbone: Backbone, cfg: Any, data: DataInfo):
+        super().__init__()
+        self.backbone, self.cfg, self.data = backbone, cfg, data
+
+    @classmethod
+    def train_transform(cls, train_cfg, cfg, data: DataInfo) -> Callable:
+        """The augmentation of the training images (default: inception crop and flip)."""
+        return train_transform(data.img_size, scale=train_cfg.crop_scale, hflip=train_cfg.hflip,
+                               mean=data.mean, std=data.std)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """batch -> (scalar loss, metrics as 0-d tensors). No ``.item()`` here: the loop syncs."""
+        raise NotImplementedError
+
+    # ----- hooks, all optional -----
+    def start_step(self, info: StepInfo, optimizer: torch.optim.Optimizer) -> None:
+        """Before the step's forward passes (schedules of weight decay, temperatures)."""
+
+    def before_optimizer_step(self, info: StepInfo) -> None:
+        """After backward on all micro-batches, before clipping and the update (gradient surgery)."""
+
+    def end_step(self, info: StepInfo) -> None:
+        """After the optimizer step (EMA teachers, centres); once per step, whatever the accumulation."""
+
+    def evaluate_batch(self, batch: dict) -> Optional[dict[str, torch.Tensor]]:
+        """Sums over a test batch (e.g. correct and count) or None if the objective has no test metric."""
+        return None
+
+    def summary(self) -> list[str]:
+        """Lines printed at the end of training (e.g. a collapse report)."""
+        return []
+
+    # ----- what is saved -----
+    def export_backbone(self) -> Backbone:
+        """The backbone written to ``ckpt.pt`` (DINO: the teacher)."""
+        return self.backbone
+
+    def extra_checkpoint(self) -> dict:
+        """Objective-specific tensors worth keeping in ``ckpt.pt`` (a head, the student)."""
+        return {}
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay besides biases and norms (timm's convention)."""
+        return {f"backbone.vit.{n}" for n in self.backbone.vit.no_weight_decay()}

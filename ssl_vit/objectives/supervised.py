@@ -1,0 +1,66 @@
+"""Supervised pretraining (the ViT paper's main recipe): cross-entropy through a class head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+
+from .base import DataInfo, Objective
+
+
+@dataclass
+class SupervisedConfig:
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # Mixup alpha (0 = off)
+    cutmix: float = 0.0  # CutMix alpha (0 = off)
+    head_hidden: int = 0  # >0: the paper's pre-logits layer (Linear + tanh) of this width
+
+
+class Supervised(Objective):
+    Config = SupervisedConfig
+    needs_labels = True
+
+    def __init__(self, backbone, cfg: SupervisedConfig, data: DataInfo):
+        super().__init__(backbone, cfg, data)
+        if not data.num_classes:
+            raise ValueError(f"supervised pretraining needs class labels, and {data.name} has none")
+        width = backbone.embed_dim
+        layers: list[nn.Module] = []
+        if cfg.head_hidden:
+            layers += [nn.Linear(width, cfg.head_hidden), nn.Tanh()]
+            width = cfg.head_hidden
+        layers.append(nn.Linear(width, data.num_classes))
+        self.head = nn.Sequential(*layers)
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                               label_smoothing=cfg.label_smoothing, num_classes=data.num_classes)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+    def forward(self, batch):
+        images, labels = batch["image"], batch["label"]
+        if self.mixup is not None and len(images) % 2 == 0:  # timm's Mixup pairs the batch
+            images, soft = self.mixup(images, labels)
+            logits = self.logits(images)
+            loss = SoftTargetCrossEntropy()(logits, soft)
+        else:
+            logits = self.logits(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+        accuracy = (logits.argmax(-1) == labels).float().mean()
+        return loss, {"accuracy": accuracy.detach()}
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch):
+        logits = self.logits(batch["image"])
+        correct = (logits.argmax(-1) == batch["label"]).sum()
+        return {"correct": correct, "count": torch.tensor(len(logits), device=logits.device)}
+
+    def extra_checkpoint(self):
+        return {"head_state_dict": {k: v.detach().cpu() for k, v in self.head.state_dict().items()}}

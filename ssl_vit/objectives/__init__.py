@@ -8,6 +8,9 @@ from .base import DataInfo, Objective, StepInfo
 
 OBJECTIVES: dict[str, str] = {
     "supervised": "ssl_vit.objectives.supervised:Supervised",
+    "masked_patch": "ssl_vit.objectives.masked_patch:MaskedPatchPrediction",
+    "mae": "ssl_vit.objectives.mae:MAE",
+    "dino": "ssl_vit.objectives.dino:DINO",
 }
 
 

@@ -82,13 +82,31 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 
 def backbone_from_checkpoint(ckpt: dict, state_key: str = "state_dict") -> Backbone:
     """Rebuild the backbone a checkpoint describes and load its weights."""
-    cfg = BackboneConfig(**ckpt["arch"])
-    backbone = Backbone(cfg)
-    try:
-        backbone.vit.load_state_dict(ckpt[state_key])
-    except RuntimeError as err:
-        raise CheckpointError(f"the weights do not fit the architecture {ckpt['arch']}: {err}") from err
+    backbone = Backbone(BackboneConfig(**ckpt["arch"]))
+    load_weights(backbone, ckpt[state_key])
     return backbone
+
+
+def load_weights(backbone: Backbone, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load timm-named weights into ``backbone``, resampling the position embeddings in 2-D
+    (class token kept apart) when the grid differs, e.g. fine-tuning at a higher resolution."""
+    from timm.layers import resample_abs_pos_embed
+
+    state = dict(state_dict)
+    vit = backbone.vit
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape != vit.pos_embed.shape:
+        n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        old = int(round((pos.shape[1] - n_prefix) ** 0.5))
+        state["pos_embed"] = resample_abs_pos_embed(pos, new_size=backbone.base_grid, old_size=(old, old),
+                                                    num_prefix_tokens=n_prefix)
+    try:
+        vit.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"the weights of {source} do not fit the backbone {dataclasses.asdict(backbone.cfg)} "
+            f"(a checkpoint of another architecture?): {err}"
+        ) from err
 
 
 def export_safetensors(ckpt_path: str, out_path: str, state_key: str = "state_dict") -> None:

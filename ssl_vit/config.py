@@ -34,7 +34,9 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps; 0 writes the random-init checkpoint
     batch_size: int = 64  # images per optimizer step, over all processes and accumulation
     grad_accum: int = 1  # micro-batches per optimizer step
+    init: Optional[str] = None  # start the backbone from a checkpoint (ckpt.pt, timm:NAME, .safetensors)
     optimizer: str = "adamw"  # any timm optimizer name: adamw, adam, sgd, lamb...
+    layer_decay: Optional[float] = None  # layer-wise lr decay (e.g. 0.65), layers from timm's group_matcher
     lr: float = 1e-3  # peak learning rate (at --lr-ref-batch when that is set)
     lr_ref_batch: Optional[int] = None  # scale lr linearly: lr * batch_size / lr_ref_batch
     min_lr: float = 0.0

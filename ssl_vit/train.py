@@ -26,7 +26,7 @@ from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from .backbone import build_backbone
-from .checkpoint import atomic_write, save_checkpoint
+from .checkpoint import atomic_write, load_backbone, load_weights, save_checkpoint
 from .config import RunConfig
 from .data import DataError, EpochSampler, ImageDataset, eval_transform, load_data, make_loader
 from .data import MEAN, STD
@@ -164,6 +164,9 @@ class Trainer:
         self.data_info = DataInfo(tc.data, source.num_classes, source.class_names, MEAN, STD, run.backbone.img_size)
 
         backbone = build_backbone(run.backbone)
+        if tc.init:
+            source_backbone, _ = load_backbone(tc.init)
+            load_weights(backbone, source_backbone.vit.state_dict(), tc.init)
         self.objective = objective_cls(backbone, run.objective_config, self.data_info)
 
         transform = objective_cls.train_transform(tc, run.objective_config, self.data_info)
@@ -184,9 +187,10 @@ class Trainer:
         self.lr = tc.lr * tc.batch_size / tc.lr_ref_batch if tc.lr_ref_batch else tc.lr
         opt_kwargs = {"betas": tuple(tc.betas)} if any(k in tc.optimizer for k in ("adam", "lamb")) else {}
         optimizer = create_optimizer_v2(self.objective, opt=tc.optimizer, lr=self.lr,
-                                        weight_decay=tc.weight_decay, **opt_kwargs)
+                                        weight_decay=tc.weight_decay, layer_decay=tc.layer_decay, **opt_kwargs)
         warmup = tc.warmup_steps if tc.warmup_steps is not None else min(MAX_WARMUP_STEPS, tc.steps // 10)
-        self.scheduler = CosineLRScheduler(optimizer, t_initial=max(tc.steps, 1), lr_min=tc.min_lr,
+        # Step t = 1..steps: linear warmup to the peak at t = warmup, then cosine towards min_lr.
+        self.scheduler = CosineLRScheduler(optimizer, t_initial=max(1, tc.steps - warmup + 1), lr_min=tc.min_lr,
                                            warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True,
                                            t_in_epochs=False)
         model = torch.compile(self.objective) if tc.compile else self.objective
@@ -312,7 +316,7 @@ class Trainer:
             if step % tc.log_every == 0 or step == tc.steps:
                 n = (step - 1) % tc.log_every + 1
                 dt = time.perf_counter() - t0
-                record = {"step": step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                record = {"step": step, "epoch": epoch, "lr": max(g["lr"] for g in self.optimizer.param_groups),
                           "images_per_s": images * acc.num_processes / max(dt, 1e-9)}
                 record.update({k: acc.reduce(v / n, reduction="mean").item() for k, v in sums.items()})
                 self._log(record)

@@ -85,6 +85,22 @@ class Objective(nn.Module):
         """Objective-specific tensors worth keeping in ``ckpt.pt`` (a head, the student)."""
         return {}
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer grouping of the backbone (for layer-wise lr decay), renamed to this module's
+        parameter names; the objective's own parameters (heads) fall in the last group."""
+        prefix = r"^backbone\.vit\."
+
+        def renamed(pattern: str) -> str:
+            return prefix + "(?:" + pattern.lstrip("^") + ")"
+
+        groups = {}
+        for key, rule in self.backbone.vit.group_matcher(coarse).items():
+            if isinstance(rule, str):
+                groups[key] = renamed(rule)
+            else:
+                groups[key] = [(renamed(pattern), order) for pattern, order in rule]
+        return groups
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay besides biases and norms (timm's convention)."""
         return {f"backbone.vit.{n}" for n in self.backbone.vit.no_weight_decay()}

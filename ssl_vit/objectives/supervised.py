@@ -19,6 +19,7 @@ class SupervisedConfig:
     mixup: float = 0.0  # Mixup alpha (0 = off)
     cutmix: float = 0.0  # CutMix alpha (0 = off)
     head_hidden: int = 0  # >0: the paper's pre-logits layer (Linear + tanh) of this width
+    zero_head: bool = False  # zero-initialised last layer (the paper's fine-tuning head)
 
 
 class Supervised(Objective):
@@ -36,6 +37,9 @@ class Supervised(Objective):
             width = cfg.head_hidden
         layers.append(nn.Linear(width, data.num_classes))
         self.head = nn.Sequential(*layers)
+        if cfg.zero_head:
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,

@@ -117,6 +117,7 @@ class Backbone(nn.Module):
         try:
             vit = timm.create_model(name, pretrained=False, **kwargs)
         except (TypeError, AssertionError) as err:
+            self._explain_build_error(name, kwargs)
             raise BackboneError(f"timm could not build {name!r} with {kwargs}: {err}") from err
         if not isinstance(vit, VisionTransformer):
             raise BackboneError(f"{cfg.model!r} is a {type(vit).__name__}, not a timm VisionTransformer")
@@ -128,6 +129,18 @@ class Backbone(nn.Module):
         self.check_img_size(cfg.img_size)
         if cfg.pos_embed == "sincos":
             self._fix_sincos_pos_embed()
+
+    def _explain_build_error(self, name: str, kwargs: dict) -> None:
+        """timm asserts when a hybrid's feature map does not tile into patches: find the stride on a
+        probe size that works and raise our own message about the image size instead."""
+        try:
+            probe = timm.create_model(name, **{**kwargs, "img_size": 256, "depth": 1})
+        except (TypeError, AssertionError):
+            return
+        if hasattr(probe.patch_embed, "backbone"):
+            self.is_hybrid, self.stem_stride = True, _stem_stride(probe.patch_embed, self.cfg.in_chans)
+            self.pixel_patch_size = self.stem_stride * probe.patch_embed.patch_size[0]
+            self.check_img_size(self.cfg.img_size)
 
     # ----- geometry -----
     @property

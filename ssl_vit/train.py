@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from datasets import IterableDataset
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
@@ -28,11 +29,12 @@ from tqdm.auto import tqdm
 from .backbone import build_backbone
 from .checkpoint import atomic_write, load_backbone, load_weights, save_checkpoint
 from .config import RunConfig
-from .data import DataError, EpochSampler, ImageDataset, eval_transform, load_data, make_loader
-from .data import MEAN, STD
+from .data import (MEAN, STD, DataError, EpochSampler, ImageDataset, StreamingImageDataset, eval_transform,
+                   load_data, make_loader)
 from .objectives import DataInfo, Objective, StepInfo, get_objective
 
 MAX_WARMUP_STEPS = 10_000  # the ViT paper's warmup
+STREAM_EPOCH_STEPS = 1_000  # "epoch" length of a stream whose size is unknown (epoch-based schedules)
 CONFIG_FILE, METRICS_FILE, CKPT_FILE, STATE_DIR = "config.json", "metrics.jsonl", "ckpt.pt", "state"
 # Settings that may change between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = {"out", "save_every", "log_every", "eval_every", "num_workers", "compile", "skip_bad_images"}
@@ -171,18 +173,34 @@ class Trainer:
 
         transform = objective_cls.train_transform(tc, run.objective_config, self.data_info)
         label_col = source.label_column if objective_cls.needs_labels else None
-        train_ds = ImageDataset(source.train, source.image_column, label_col, transform, tc.seed, tc.skip_bad_images)
-        self.sampler = EpochSampler(len(train_ds), self.micro_batch, tc.seed, True, acc.process_index, world,
-                                    True, tc.grad_accum)
-        pin = acc.device.type == "cuda"
-        self.loader = make_loader(train_ds, self.sampler, tc.num_workers, pin)
-        self.steps_per_epoch = self.sampler.batches_per_epoch // tc.grad_accum
+        rank, pin = acc.process_index, acc.device.type == "cuda"
+        self.streaming = isinstance(source.train, IterableDataset)
+        if self.streaming:
+            train_ds = StreamingImageDataset(source.train, source.image_column, label_col, transform, tc.seed,
+                                             tc.skip_bad_images, "train", rank, world)
+            self.loader = make_loader(train_ds, None, 0, pin, self.micro_batch)
+            n = _num_examples(source.train)
+            self.steps_per_epoch = max(1, n // tc.batch_size) if n else STREAM_EPOCH_STEPS
+        else:
+            train_ds = ImageDataset(source.train, source.image_column, label_col, transform, tc.seed,
+                                    tc.skip_bad_images)
+            self.sampler = EpochSampler(len(train_ds), self.micro_batch, tc.seed, True, rank, world, True,
+                                        tc.grad_accum)
+            self.loader = make_loader(train_ds, self.sampler, tc.num_workers, pin)
+            self.steps_per_epoch = self.sampler.batches_per_epoch // tc.grad_accum
+        self.train_ds = train_ds
         self.test_loader = None
-        if source.test is not None and source.has_labels and objective_cls.evaluate_batch is not Objective.evaluate_batch:
-            test_ds = ImageDataset(source.test, source.image_column, source.label_column,
-                                   eval_transform(run.backbone.img_size), tc.seed, tc.skip_bad_images, "test")
-            test_sampler = EpochSampler(len(test_ds), self.micro_batch, tc.seed, False, acc.process_index, world, False)
-            self.test_loader = make_loader(test_ds, test_sampler, tc.num_workers, pin)
+        if (source.test is not None and source.has_labels
+                and objective_cls.evaluate_batch is not Objective.evaluate_batch):
+            args = (source.image_column, source.label_column, eval_transform(run.backbone.img_size), tc.seed,
+                    tc.skip_bad_images, "test")
+            if isinstance(source.test, IterableDataset):
+                test_ds = StreamingImageDataset(source.test, *args, rank=rank, world_size=world, repeat=False)
+                self.test_loader = make_loader(test_ds, None, 0, pin, self.micro_batch, False)
+            else:
+                test_ds = ImageDataset(source.test, *args)
+                test_sampler = EpochSampler(len(test_ds), self.micro_batch, tc.seed, False, rank, world, False)
+                self.test_loader = make_loader(test_ds, test_sampler, tc.num_workers, pin)
 
         self.lr = tc.lr * tc.batch_size / tc.lr_ref_batch if tc.lr_ref_batch else tc.lr
         opt_kwargs = {"betas": tuple(tc.betas)} if any(k in tc.optimizer for k in ("adam", "lamb")) else {}
@@ -203,6 +221,15 @@ class Trainer:
     def _micro_batches(self, start_step: int):
         """Yield (epoch, list of grad_accum micro-batches) for each step from ``start_step`` on."""
         accum = self.run_cfg.train.grad_accum
+        if self.streaming:  # an endless stream: skip what this process already used
+            self.train_ds.set_start(start_step * accum * self.micro_batch)
+            group, step = [], start_step
+            for batch in self.loader:
+                group.append(batch)
+                if len(group) == accum:
+                    yield step // self.steps_per_epoch, group
+                    group, step = [], step + 1
+            return
         epoch, step_in_epoch = divmod(start_step, self.steps_per_epoch)
         while True:
             self.sampler.set_epoch(epoch, start_batch=step_in_epoch * accum)
@@ -349,6 +376,14 @@ class Trainer:
         acc.end_training()
         acc.print(f"checkpoint: {path}")
         return path
+
+
+def _num_examples(ds) -> Optional[int]:
+    """Size of a streamed split when its metadata says it, else None."""
+    try:
+        return ds.info.splits["train"].num_examples
+    except (AttributeError, KeyError, TypeError):
+        return None
 
 
 def _batch_len(images) -> int:

@@ -1,10 +1,11 @@
 """Data: naming a data set (``sources``), augmenting it (``transforms``), batching it (``loader``)."""
 
-from .loader import BadImageError, EpochSampler, ImageDataset, collate, make_loader
+from .loader import BadImageError, EpochSampler, ImageDataset, StreamingImageDataset, collate, make_loader
+from .multicrop import MultiCrop
 from .sources import DataError, DataSource, load_data
 from .transforms import MEAN, STD, denormalize, eval_transform, train_transform
 
 __all__ = [
-    "BadImageError", "DataError", "DataSource", "EpochSampler", "ImageDataset", "MEAN", "STD",
-    "collate", "denormalize", "eval_transform", "load_data", "make_loader", "train_transform",
+    "BadImageError", "DataError", "DataSource", "EpochSampler", "ImageDataset", "MEAN", "MultiCrop", "STD",
+    "StreamingImageDataset", "collate", "denormalize", "eval_transform", "load_data", "make_loader", "train_transform",
 ]

@@ -14,9 +14,11 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from PIL import Image
-from datasets import Dataset, Image as ImageFeature
+from datasets import Dataset, Image as ImageFeature, IterableDataset
+from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import IterableDataset as TorchIterableDataset
 from torch.utils.data import default_collate
 
 from .sources import DataError
@@ -30,33 +32,20 @@ def _seed_for(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-class ImageDataset(TorchDataset):
-    """Decodes one row, converts it to RGB and augments it under the seed of (seed, epoch, index).
+class ExampleMaker:
+    """Turns one row into a training example: decode, convert to RGB, augment under the seed of
+    (seed, epoch, index). Shared by the map-style and the streaming data sets.
 
-    Items are ``{"image": tensor or list of crops, "label": int, "index": int}``, or ``None`` for
-    an unreadable image when ``skip_bad_images`` is set (the collate function counts those).
+    Examples are ``{"image": tensor or list of crops, "label": int, "index": int}``, or ``None``
+    for an unreadable image when ``skip_bad_images`` is set (the collate function counts those).
     """
 
-    def __init__(
-        self,
-        ds: Dataset,
-        image_column: str,
-        label_column: Optional[str],
-        transform: Callable,
-        seed: int = 0,
-        skip_bad_images: bool = False,
-        split: str = "train",
-    ):
-        feat = ds.features.get(image_column)
-        if isinstance(feat, ImageFeature):  # decode ourselves to name broken files
-            ds = ds.cast_column(image_column, ImageFeature(decode=False))
-        self.ds, self.image_column, self.label_column = ds, image_column, label_column
+    def __init__(self, image_column: str, label_column: Optional[str], transform: Callable,
+                 seed: int = 0, skip_bad_images: bool = False, split: str = "train"):
+        self.image_column, self.label_column = image_column, label_column
         self.transform, self.seed, self.skip_bad_images, self.split = transform, seed, skip_bad_images, split
 
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def _decode(self, value, index: int) -> Image.Image:
+    def decode(self, value, index: int) -> Image.Image:
         where = f"row {index} of the {self.split} split"
         try:
             if isinstance(value, Image.Image):
@@ -73,11 +62,9 @@ class ImageDataset(TorchDataset):
                 "images (they are counted and reported)"
             ) from err
 
-    def __getitem__(self, item) -> Optional[dict]:
-        epoch, index = item if isinstance(item, tuple) else (0, item)
-        row = self.ds[int(index)]
+    def __call__(self, row: dict, epoch: int, index: int) -> Optional[dict]:
         try:
-            img = self._decode(row[self.image_column], int(index))
+            img = self.decode(row[self.image_column], index)
         except BadImageError:
             if self.skip_bad_images:
                 return None
@@ -85,15 +72,72 @@ class ImageDataset(TorchDataset):
         # Augment under this example's own seed (torch and python RNGs), leaving global state alone.
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            seed = _seed_for(self.seed, epoch, int(index))
+            seed = _seed_for(self.seed, epoch, index)
             torch.manual_seed(seed)
             random.seed(seed)
             image = self.transform(img)
         random.setstate(py_state)
-        out = {"image": image, "index": int(index)}
+        out = {"image": image, "index": index}
         if self.label_column is not None:
             out["label"] = int(row[self.label_column])
         return out
+
+
+def _undecoded(ds, image_column: str):
+    """Ask ``datasets`` for raw bytes so that we decode, and can name a broken file."""
+    feat = (ds.features or {}).get(image_column)
+    return ds.cast_column(image_column, ImageFeature(decode=False)) if isinstance(feat, ImageFeature) else ds
+
+
+class ImageDataset(TorchDataset):
+    """A map-style split; items are addressed by ``(epoch, index)`` pairs from ``EpochSampler``."""
+
+    def __init__(self, ds: Dataset, image_column: str, label_column: Optional[str], transform: Callable,
+                 seed: int = 0, skip_bad_images: bool = False, split: str = "train"):
+        self.ds = _undecoded(ds, image_column)
+        self.make = ExampleMaker(image_column, label_column, transform, seed, skip_bad_images, split)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, item) -> Optional[dict]:
+        epoch, index = item if isinstance(item, tuple) else (0, item)
+        return self.make(self.ds[int(index)], epoch, int(index))
+
+
+class StreamingImageDataset(TorchIterableDataset):
+    """A streamed split (``datasets.IterableDataset``), for data sets too large for the disk.
+
+    The stream is shuffled with a buffer (seeded, reshuffled each pass) and dealt out to processes
+    by ``datasets``' ``split_dataset_by_node``. ``start`` skips the examples this process already
+    used, so a resumed run continues at the same example. Read it with ``num_workers=0``: inside
+    DataLoader workers ``datasets`` shards a stream by its files and would drop examples.
+    """
+
+    def __init__(self, ds: IterableDataset, image_column: str, label_column: Optional[str], transform: Callable,
+                 seed: int = 0, skip_bad_images: bool = False, split: str = "train", rank: int = 0,
+                 world_size: int = 1, repeat: bool = True, shuffle_buffer: int = 10_000):
+        ds = _undecoded(ds, image_column)
+        if repeat:
+            ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        self.ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        self.make = ExampleMaker(image_column, label_column, transform, seed, skip_bad_images, split)
+        self.repeat, self.start = repeat, 0
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[Optional[dict]]:
+        position, epoch = 0, 0
+        while True:
+            self.ds.set_epoch(epoch)
+            for row in self.ds:
+                if position >= self.start:
+                    yield self.make(row, epoch, position)
+                position += 1
+            if not self.repeat:
+                return
+            epoch += 1
 
 
 def collate(items: list[Optional[dict]]) -> dict:
@@ -143,15 +187,18 @@ class EpochSampler(Sampler):
         return max(0, per_rank - self.start_batch * self.batch_size)
 
 
-def make_loader(dataset: ImageDataset, sampler: EpochSampler, num_workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(dataset, sampler: Optional[EpochSampler], num_workers: int, pin_memory: bool,
+                batch_size: Optional[int] = None, drop_last: bool = True) -> DataLoader:
+    """A DataLoader over ``ImageDataset`` + ``EpochSampler``, or over a ``StreamingImageDataset``
+    (no sampler: pass ``batch_size`` and ``drop_last``)."""
     return DataLoader(
         dataset,
-        batch_size=sampler.batch_size,
+        batch_size=sampler.batch_size if sampler else batch_size,
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        drop_last=sampler.drop_last,
+        drop_last=sampler.drop_last if sampler else drop_last,
         persistent_workers=False,  # the sampler changes per epoch and on resume
-        generator=torch.Generator().manual_seed(sampler.seed),  # keeps the global RNG untouched
+        generator=torch.Generator().manual_seed(0),  # draws base seeds without touching the global RNG
     )

@@ -75,18 +75,18 @@ def _hold_out(ds: Dataset, label_column: Optional[str]) -> datasets.DatasetDict:
     return ds.train_test_split(test_size=HELD_OUT_FRACTION, seed=0, stratify_by_column=stratify)
 
 
-def _load_local(path: str) -> dict[str, HFData]:
+def _load_local(path: str, streaming: bool) -> dict[str, HFData]:
     if os.path.isfile(path):
         if not path.endswith(".parquet"):
             raise DataError(f"{path} is a file but not a .parquet file; local data forms:\n{LOCAL_FORMS}")
-        return {"train": datasets.load_dataset("parquet", data_files=path, split="train")}
+        return {"train": datasets.load_dataset("parquet", data_files=path, split="train", streaming=streaming)}
     train = sorted(glob.glob(os.path.join(path, "*train*.parquet")))
     test = sorted(glob.glob(os.path.join(path, "*test*.parquet")))
     if train:
         files = {"train": train, **({"test": test} if test else {})}
-        return dict(datasets.load_dataset("parquet", data_files=files))
+        return dict(datasets.load_dataset("parquet", data_files=files, streaming=streaming))
     if os.path.isdir(os.path.join(path, "train")):
-        return dict(datasets.load_dataset("imagefolder", data_dir=path))
+        return dict(datasets.load_dataset("imagefolder", data_dir=path, streaming=streaming))
     raise DataError(
         f"{path} holds neither *train*.parquet files nor a train/ image folder; local data forms:\n{LOCAL_FORMS}"
     )
@@ -132,7 +132,7 @@ def load_data(
     if spec == "default":
         splits = dict(_digits())
     elif os.path.exists(os.path.expanduser(spec)):
-        splits = _load_local(os.path.expanduser(spec))
+        splits = _load_local(os.path.expanduser(spec), streaming)
     elif _looks_like_path(spec):
         raise DataError(f"data path {spec!r} does not exist; local data forms:\n{LOCAL_FORMS}")
     else:

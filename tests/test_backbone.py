@@ -1,0 +1,96 @@
+"""The shared backbone: shapes, the token contract, hybrids and clear errors."""
+
+import pytest
+import torch
+
+from conftest import tiny_hybrid, tiny_vit
+from ssl_vit.backbone import PRESETS, BackboneConfig, BackboneError, build_backbone
+
+
+def test_vit_shapes_and_dynamic_size():
+    b = tiny_vit().eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert b.forward_features(x).shape == (2, 1 + 16, 192)
+    assert b(x).shape == (2, 192)
+    # twice the size: 8x8 grid, position embeddings resampled on the fly
+    assert b.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 64, 192)
+
+
+def test_hybrid_shapes():
+    b = tiny_hybrid().eval()
+    assert b.is_hybrid and b.pixel_patch_size == 16
+    assert b.forward_features(torch.randn(2, 3, 64, 64)).shape == (2, 1 + 16, 192)
+
+
+def test_preset_widths():
+    for name, width in [("vit_small", 384), ("r26_vit_small", 384)]:
+        b = build_backbone(BackboneConfig(model=name, img_size=64, depth=1))
+        assert b.embed_dim == width
+
+
+def test_encode_subset_returns_class_token_plus_kept_tokens():
+    b = tiny_vit().eval()
+    x = torch.randn(2, 3, 16, 16)
+    tokens = b.embed(x)
+    keep = torch.tensor([[0, 5, 9], [1, 2, 15]])
+    out = b.encode(tokens, b.grid_size(x), keep=keep)
+    assert out.shape == (2, 1 + 3, 192)
+    # a kept token's output depends only on kept tokens: changing a dropped patch changes nothing
+    tokens2 = tokens.clone()
+    tokens2[0, 7] += 10.0
+    assert torch.allclose(out, b.encode(tokens2, b.grid_size(x), keep=keep))
+
+
+def test_replaced_embedding_changes_output():
+    b = tiny_vit().eval()
+    x = torch.randn(1, 3, 16, 16)
+    tokens = b.embed(x)
+    replaced = tokens.clone()
+    replaced[0, 3] = torch.zeros(192)  # e.g. a mask token
+    grid = b.grid_size(x)
+    assert not torch.allclose(b.encode(tokens, grid), b.encode(replaced, grid))
+
+
+def test_hybrid_blanked_patch_pixels_do_not_reach_the_network():
+    b = tiny_hybrid().eval()
+    x = torch.randn(1, 3, 64, 64)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, 5] = True  # patch (row 1, col 1): pixels 16..31 x 16..31
+    y = x.clone()
+    y[:, :, 16:32, 16:32] = torch.randn(1, 3, 16, 16) * 5
+    out_x = b.forward_features(b.blank_patches(x, mask))
+    out_y = b.forward_features(b.blank_patches(y, mask))
+    assert torch.equal(out_x, out_y)
+    # without blanking, the convolution stem would have seen the change
+    assert not torch.allclose(b.forward_features(x), b.forward_features(y))
+
+
+def test_patchify_roundtrip():
+    b = tiny_vit()
+    x = torch.randn(2, 3, 16, 16)
+    p = b.patchify(x)
+    assert p.shape == (2, 16, 4 * 4 * 3)
+    assert torch.equal(b.unpatchify(p, (4, 4)), x)
+
+
+def test_sincos_position_embeddings_are_fixed():
+    b = tiny_vit(pos_embed="sincos")
+    assert not b.vit.pos_embed.requires_grad
+    assert torch.all(b.vit.pos_embed[0, 0] == 0)  # class token position
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(BackboneError) as err:
+        build_backbone(BackboneConfig(model="vit_tinyy"))
+    for name in PRESETS:
+        assert name in str(err.value)
+
+
+def test_image_size_not_divisible_by_patch():
+    with pytest.raises(BackboneError, match="not divisible by the patch size 4; use a multiple of 4"):
+        build_backbone(BackboneConfig(model="vit_tiny", patch_size=4, img_size=30, depth=1))
+
+
+def test_hybrid_grid_must_match_stride():
+    with pytest.raises(BackboneError, match="total stride 16"):
+        build_backbone(BackboneConfig(model="r_vit_tiny", img_size=60, depth=1))

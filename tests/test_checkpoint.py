@@ -1,0 +1,84 @@
+"""ckpt.pt: safe to load, rebuilt by one loader, exported for timm, with clear errors."""
+
+import dataclasses
+import json
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+
+from conftest import tiny_hybrid, tiny_vit
+from ssl_vit.checkpoint import (CheckpointError, export_safetensors, load_backbone, load_checkpoint, load_weights,
+                                save_checkpoint)
+
+
+def _save(path, backbone):
+    save_checkpoint(str(path), backbone, objective="supervised", objective_config={}, train_config={}, step=7,
+                    data={"name": "default"})
+    return str(path)
+
+
+@pytest.mark.parametrize("make, size", [(tiny_vit, 16), (tiny_hybrid, 64)])
+def test_roundtrip_rebuilds_the_same_backbone(tmp_path, make, size):
+    backbone = make().eval()
+    path = _save(tmp_path / "ckpt.pt", backbone)
+    torch.load(path, weights_only=True)
+    rebuilt, info = load_backbone(path)
+    x = torch.randn(2, 3, size, size)
+    assert torch.equal(rebuilt(x), backbone(x))
+    assert info["step"] == 7 and info["arch"] == dataclasses.asdict(backbone.cfg)
+
+
+def test_safetensors_export_loads_in_timm(tmp_path):
+    backbone = tiny_vit().eval()
+    out = tmp_path / "backbone.safetensors"
+    export_safetensors(_save(tmp_path / "ckpt.pt", backbone), str(out))
+    with safe_open(str(out), "pt") as fh:
+        meta = fh.metadata()
+    model = timm.create_model(meta["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=str(out)),
+                              **json.loads(meta["timm_kwargs"])).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(model(x), backbone(x), atol=1e-5)
+    assert torch.equal(load_backbone(str(out))[0](x), backbone(x))
+
+
+def test_timm_name_gives_a_random_init_backbone():
+    backbone, info = load_backbone("timm:vit_tiny_patch16_224")
+    assert backbone.embed_dim == 192 and info["objective"] == "random-init"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "nope.pt"))
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable ssl_vit checkpoint"):
+        load_checkpoint(str(tmp_path / "notes.txt"))
+    torch.save({"model": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an ssl_vit checkpoint"):
+        load_checkpoint(str(tmp_path / "other.pt"))
+
+
+def test_truncated_checkpoint(tmp_path):
+    path = _save(tmp_path / "ckpt.pt", tiny_vit())
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(path)
+
+
+def test_weights_of_another_architecture(tmp_path):
+    small = load_checkpoint(_save(tmp_path / "ckpt.pt", tiny_vit()))["state_dict"]
+    with pytest.raises(CheckpointError, match="another architecture"):
+        load_weights(tiny_vit(depth=3), small)
+
+
+def test_higher_resolution_resamples_position_embeddings(tmp_path):
+    low = tiny_vit().eval()
+    high = tiny_vit(img_size=32)
+    load_weights(high, low.vit.state_dict())
+    assert high.vit.pos_embed.shape == (1, 1 + 64, 192)
+    assert torch.equal(high.vit.pos_embed[:, 0], low.vit.pos_embed[:, 0])  # class token kept apart

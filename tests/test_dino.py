@@ -1,0 +1,264 @@
+"""DINO: teacher by EMA only, view pairs, centre over processes and micro-batches, multi-crop,
+collapse warning, checkpoint (teacher) and student export."""
+
+import copy
+import importlib.util
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+from timm.optim import create_optimizer_v2
+
+from conftest import tiny_vit
+from ssl_vit.checkpoint import export_safetensors, load_backbone, load_checkpoint
+from ssl_vit.data import MEAN, STD, MultiCrop, collate
+from ssl_vit.objectives import DataInfo, StepInfo
+from ssl_vit.objectives.dino import DINO, DINOConfig, view_pairs
+
+DATA = DataInfo("test", None, None, MEAN, STD, 16)
+N_LOCAL = 2
+
+
+def tiny_dino(**kw) -> DINO:
+    """ViT-Ti 2 layers at 16 px (4x4 grid), local crops of 8 px (2x2 grid), a small head."""
+    cfg = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16, local_crops_number=N_LOCAL, local_crop_size=8)
+    cfg.update(kw)
+    return DINO(tiny_vit(), DINOConfig(**cfg), DATA)
+
+
+def fake_crops(batch: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, 16, 16, generator=g) for _ in range(2)] + \
+           [torch.randn(batch, 3, 8, 8, generator=g) for _ in range(N_LOCAL)]
+
+
+def train_step(obj: DINO, micro_batches: list[list[torch.Tensor]], opt, info: StepInfo) -> torch.Tensor:
+    """One optimizer step the way the training loop runs it; returns the mean loss."""
+    obj.start_step(info, opt)
+    total = 0.0
+    for crops in micro_batches:
+        loss, _ = obj({"image": crops})
+        (loss / len(micro_batches)).backward()
+        total += loss.detach() / len(micro_batches)
+    obj.before_optimizer_step(info)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    obj.end_step(info)
+    return total
+
+
+def sgd(obj: DINO, wd: float = 0.04) -> torch.optim.Optimizer:
+    decay = [p for n, p in obj.named_parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for n, p in obj.named_parameters() if p.requires_grad and p.ndim <= 1]
+    return torch.optim.SGD([{"params": no_decay, "weight_decay": 0.0},
+                            {"params": decay, "weight_decay": wd}], lr=0.1)
+
+
+def teacher_state(obj: DINO) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in obj._teacher_parameters()]
+
+
+# ----- teacher -----
+def test_teacher_gets_no_gradient_and_moves_only_by_ema():
+    torch.manual_seed(0)
+    obj = tiny_dino(freeze_last_layer_epochs=0)
+    opt = sgd(obj)
+    info = StepInfo(step=3, total_steps=10, epoch=0, steps_per_epoch=10)
+    before = teacher_state(obj)
+    obj.start_step(info, opt)
+    loss, _ = obj({"image": fake_crops(4)})
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in obj._teacher_parameters())
+    opt.step()
+    assert all(torch.equal(t0, t) for t0, t in zip(before, teacher_state(obj)))  # the step left it alone
+    obj.end_step(info)
+    m = obj.teacher_momentum(3, 10)
+    students = list(obj._student_parameters())
+    assert len(students) == len(before)
+    changed = 0
+    for t, t0, s in zip(teacher_state(obj), before, students):
+        torch.testing.assert_close(t, m * t0 + (1 - m) * s.detach(), rtol=1e-5, atol=1e-7)
+        changed += not torch.equal(t, t0)
+    assert changed > 0
+
+
+def test_momentum_schedule_end_points():
+    obj = tiny_dino(momentum_teacher=0.996)
+    assert obj.teacher_momentum(0, 100) == pytest.approx(0.996)
+    assert obj.teacher_momentum(50, 100) == pytest.approx(0.998)
+    assert obj.teacher_momentum(100, 100) == pytest.approx(1.0)
+
+
+def test_weight_decay_cosine_and_last_layer_frozen_in_first_epoch():
+    obj = tiny_dino(weight_decay_end=0.4, freeze_last_layer_epochs=1)
+    opt = sgd(obj, wd=0.04)
+    obj.start_step(StepInfo(0, 10, 0, 5), opt)
+    assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([0.0, 0.04])
+    obj.start_step(StepInfo(10, 10, 2, 5), opt)
+    assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([0.0, 0.4])
+
+    last_layer = obj.head.last_layer.parametrizations.weight.original1
+    for step, frozen in ((4, True), (5, False)):
+        loss, _ = obj({"image": fake_crops(2)})
+        loss.backward()
+        obj.before_optimizer_step(StepInfo(step, 10, step // 5, 5))
+        assert (last_layer.grad is None) == frozen
+        assert obj.head.mlp[0].weight.grad is not None
+        opt.zero_grad(set_to_none=True)
+
+
+# ----- views -----
+def test_view_pairs_never_pair_a_view_with_itself():
+    pairs = view_pairs(2, 10)
+    assert len(pairs) == 2 * 9 and len(set(pairs)) == len(pairs)
+    assert all(t != s for t, s in pairs) and {t for t, _ in pairs} == {0, 1}
+
+
+def test_loss_is_the_mean_over_different_views():
+    obj = tiny_dino(out_dim=5)
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(4, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    loss, entropy, batch_entropy = obj.dino_loss(student, teacher)
+    p = torch.softmax(teacher / obj.cfg.teacher_temp, -1)
+    logq = torch.log_softmax(student / obj.cfg.student_temp, -1)
+    ce = -(p[:, None] * logq[None]).sum(-1).mean(-1)  # [teacher view, student view]
+    off_diagonal = ce.sum() - ce[0, 0] - ce[1, 1]
+    torch.testing.assert_close(loss, off_diagonal / 6)
+    torch.testing.assert_close(entropy, -(p * p.log()).sum(-1).mean())
+    mean = p.mean((0, 1))
+    torch.testing.assert_close(batch_entropy, -(mean * mean.log()).sum())
+
+
+def test_teacher_sees_only_global_crops_and_student_all():
+    obj = tiny_dino()
+    seen = {"teacher": [], "student": []}
+    obj.teacher.register_forward_hook(lambda m, args, out: seen["teacher"].append(tuple(args[0].shape)))
+    obj.backbone.register_forward_hook(lambda m, args, out: seen["student"].append(tuple(args[0].shape)))
+    obj({"image": fake_crops(3)})
+    assert seen["teacher"] == [(6, 3, 16, 16)]  # the 2 global crops of 3 images, in one pass
+    assert seen["student"] == [(6, 3, 16, 16), (3 * N_LOCAL, 3, 8, 8)]
+    with pytest.raises(ValueError, match="global"):
+        obj({"image": fake_crops(3)[:3]})
+
+
+# ----- centre: once per step, over processes and micro-batches -----
+def _centre_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    obj = tiny_dino()
+    crops = [c[rank * 2:(rank + 1) * 2] for c in fake_crops(4)]
+    obj({"image": crops})
+    obj.end_step(StepInfo(0, 10, 0, 10))
+    torch.save(obj.center, f"{out}/centre{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_centre_all_reduced_over_two_processes_equals_one_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the children inherit the imported modules (spawn re-imports torch and timm: slow)
+    mp.start_processes(_centre_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    torch.manual_seed(0)
+    obj = tiny_dino()
+    obj({"image": fake_crops(4)})
+    obj.end_step(StepInfo(0, 10, 0, 10))
+    assert obj.center.abs().sum() > 0
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"centre{rank}.pt"), obj.center, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accumulation_updates_centre_and_teacher_once_per_step():
+    torch.manual_seed(0)
+    whole = tiny_dino(momentum_teacher=0.9, freeze_last_layer_epochs=0)
+    accum = copy.deepcopy(whole)
+    opt_whole, opt_accum = sgd(whole), sgd(accum)
+    for step in range(2):
+        crops = fake_crops(4, seed=step)
+        info = StepInfo(step, 4, 0, 4)
+        train_step(whole, [crops], opt_whole, info)
+        train_step(accum, [[c[:2] for c in crops], [c[2:] for c in crops]], opt_accum, info)
+    assert whole.center.abs().sum() > 0
+    torch.testing.assert_close(accum.center, whole.center, rtol=1e-4, atol=1e-6)
+    for t_accum, t_whole in zip(teacher_state(accum), teacher_state(whole)):
+        torch.testing.assert_close(t_accum, t_whole, rtol=1e-4, atol=1e-6)
+
+
+# ----- data -----
+def test_multicrop_shapes_and_counts():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    transform = MultiCrop(global_size=32, local_size=16, local_crops_number=3)
+    crops = transform(image)
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    assert all(c.dtype == torch.float32 for c in crops)
+    batch = collate([{"image": transform(image), "index": i} for i in range(4)])
+    assert [tuple(b.shape) for b in batch["image"]] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
+    paper = DINO.train_transform(None, DINOConfig(), DataInfo("x", None, None, MEAN, STD, 224))(image)
+    assert [c.shape[-1] for c in paper] == [224] * 2 + [96] * 8
+    with pytest.raises(ValueError, match="scale"):
+        MultiCrop(local_scale=(0.5, 0.2))
+
+
+def test_crop_size_must_fit_the_patch_size():
+    with pytest.raises(ValueError, match="divisible"):
+        tiny_dino(local_crop_size=10)
+
+
+# ----- training and collapse watch -----
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss_without_collapse():
+    torch.manual_seed(0)
+    obj = tiny_dino(freeze_last_layer_epochs=0)  # (momentum 0.9 collapses this tiny setup: the teacher chases)
+    opt = create_optimizer_v2(obj, opt="adamw", lr=1e-3, weight_decay=0.04)
+    crops = fake_crops(8)
+    losses = [train_step(obj, [crops], opt, StepInfo(i, 8, 0, 8)).item() for i in range(8)]
+    assert losses[-1] < losses[0]
+    lines = obj.summary()
+    assert lines[0].startswith("DINO end state") and not any("WARNING" in line for line in lines)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "one prototype"])
+def test_forced_collapse_triggers_the_warning(kind):
+    torch.manual_seed(0)
+    if kind == "uniform":  # a huge teacher temperature: every output uniform, entropy ln K
+        obj, same_image = tiny_dino(teacher_temp=1e3, warmup_teacher_temp=1e3), False
+    else:  # no centring, extreme sharpening, one image repeated: every output on the same prototype
+        obj, same_image = tiny_dino(teacher_temp=1e-4, warmup_teacher_temp=1e-4, center_momentum=1.0), True
+    opt = sgd(obj)
+    for i in range(6):
+        crops = fake_crops(4, seed=i)
+        crops = [c[:1].expand_as(c) for c in crops] if same_image else crops
+        train_step(obj, [crops], opt, StepInfo(i, 6, 0, 6))
+    warning = " ".join(obj.summary())
+    assert "WARNING: DINO looks collapsed" in warning
+    assert ("near ln K" in warning) == (kind == "uniform") and ("one prototype" in warning) == (kind != "uniform")
+    assert "--teacher-temp" in warning and "--momentum-teacher" in warning and "--batch-size" in warning
+
+
+# ----- the recipe and its checkpoint -----
+def test_recipe_checkpoint_holds_the_teacher_and_exports_the_student(tmp_path):
+    spec = importlib.util.spec_from_file_location("dino_recipe", Path(__file__).parents[1] / "recipes" / "dino.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    from ssl_vit.train import run_recipe
+
+    argv = ["--steps", "2", "--batch-size", "8", "--depth", "1", "--out-dim", "32", "--hidden-dim", "32",
+            "--bottleneck-dim", "16", "--local-crops-number", "2", "--num-workers", "0", "--lr", "1e-2",
+            "--out", str(tmp_path / "run")]
+    path = run_recipe("dino", recipe.DEFAULTS, argv=argv)
+    ckpt = load_checkpoint(path)
+    assert ckpt["objective"] == "dino" and ckpt["arch"]["drop_path_rate"] == 0.0  # the teacher's
+    teacher, student = ckpt["state_dict"], ckpt["student_state_dict"]
+    assert teacher.keys() == student.keys()
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+    export_safetensors(path, str(tmp_path / "student.safetensors"), "student_state_dict")
+    exported, _ = load_backbone(str(tmp_path / "student.safetensors"))
+    for k, v in exported.vit.state_dict().items():
+        assert torch.equal(v, student[k])

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .backbone import BackboneConfig
+from .backbone import PRESETS, BackboneConfig
 
 
 @dataclass
@@ -38,7 +39,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # any timm optimizer name: adamw, adam, sgd, lamb...
     layer_decay: Optional[float] = None  # layer-wise lr decay (e.g. 0.65), layers from timm's group_matcher
     lr: float = 1e-3  # peak learning rate (at --lr-ref-batch when that is set)
-    lr_ref_batch: Optional[int] = None  # scale lr linearly: lr * batch_size / lr_ref_batch
+    lr_ref_batch: Optional[int] = None  # lr is for this batch size; other batches scale it (--lr-scaling)
+    lr_scaling: str = "linear"  # linear: lr * batch/ref (SGD, AdamW recipes); sqrt: lr * sqrt(batch/ref) (Adam)
     min_lr: float = 0.0
     warmup_steps: Optional[int] = None  # None: 10% of the steps, at most 10,000 (the paper's)
     weight_decay: float = 0.1  # none on biases, norms, tokens and position embeddings
@@ -113,8 +115,8 @@ def parse_run_config(objective: str, objective_config_cls, defaults: Optional[di
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    if known.config:
-        defaults.update(_read_config_file(known.config))
+    file_settings = _read_config_file(known.config) if known.config else {}
+    defaults.update(file_settings)
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="JSON or TOML file of settings (flags override it)")
@@ -136,4 +138,11 @@ def parse_run_config(objective: str, objective_config_cls, defaults: Optional[di
                 kw[k] = tuple(v)
         return cls(**kw)
 
-    return RunConfig(objective, build(TrainConfig), build(BackboneConfig), build(objective_config_cls))
+    run = RunConfig(objective, build(TrainConfig), build(BackboneConfig), build(objective_config_cls))
+    # A recipe's small-image patch size is meant for plain ViTs; a hybrid preset keeps its own patch
+    # on the CNN feature map unless the user names one (e.g. r50_vit_base: 1, total stride 16).
+    named = "--patch-size" in (argv if argv is not None else sys.argv[1:]) or "patch_size" in file_settings
+    preset = PRESETS.get(run.backbone.model)
+    if preset is not None and preset.hybrid and not named:
+        run.backbone.patch_size = None
+    return run

@@ -202,7 +202,7 @@ class Trainer:
                 test_sampler = EpochSampler(len(test_ds), self.micro_batch, tc.seed, False, rank, world, False)
                 self.test_loader = make_loader(test_ds, test_sampler, tc.num_workers, pin)
 
-        self.lr = tc.lr * tc.batch_size / tc.lr_ref_batch if tc.lr_ref_batch else tc.lr
+        self.lr = _scaled_lr(tc)
         opt_kwargs = {"betas": tuple(tc.betas)} if any(k in tc.optimizer for k in ("adam", "lamb")) else {}
         optimizer = create_optimizer_v2(self.objective, opt=tc.optimizer, lr=self.lr,
                                         weight_decay=tc.weight_decay, layer_decay=tc.layer_decay, **opt_kwargs)
@@ -376,6 +376,16 @@ class Trainer:
         acc.end_training()
         acc.print(f"checkpoint: {path}")
         return path
+
+
+def _scaled_lr(tc) -> float:
+    """--lr at --lr-ref-batch, scaled to --batch-size linearly or by the square root."""
+    if not tc.lr_ref_batch:
+        return tc.lr
+    if tc.lr_scaling not in ("linear", "sqrt"):
+        raise ValueError(f"--lr-scaling {tc.lr_scaling!r}: use linear or sqrt")
+    ratio = tc.batch_size / tc.lr_ref_batch
+    return tc.lr * (math.sqrt(ratio) if tc.lr_scaling == "sqrt" else ratio)
 
 
 def _num_examples(ds) -> Optional[int]:

@@ -1,0 +1,150 @@
+"""MAE: the encoder sees only visible tokens, unmasking is exact, the loss is on masked patches,
+hybrids hide masked pixels from the stem, training lowers the loss, the checkpoint rebuilds it."""
+
+import pytest
+import torch
+
+from conftest import tiny_hybrid, tiny_vit
+from ssl_vit.checkpoint import load_checkpoint, save_checkpoint
+from ssl_vit.data import MEAN, STD
+from ssl_vit.masking import random_masking
+from ssl_vit.objectives import DataInfo
+from ssl_vit.objectives.mae import MAE, MAEConfig
+from ssl_vit.viz.mae import main as viz_main
+
+
+def make_mae(backbone, **cfg) -> MAE:
+    data = DataInfo("test", None, None, MEAN, STD, backbone.cfg.img_size)
+    return MAE(backbone, MAEConfig(**cfg), data)
+
+
+def images_for(mae: MAE, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    size = mae.backbone.cfg.img_size
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def fixed_masking(mae: MAE, images: torch.Tensor, seed: int = 0):
+    grid = mae.backbone.grid_size(images)
+    gen = torch.Generator().manual_seed(seed)
+    return random_masking(len(images), grid[0] * grid[1], mae.cfg.mask_ratio, images.device, gen)
+
+
+@pytest.mark.parametrize("build", [tiny_vit, tiny_hybrid], ids=["vit", "hybrid"])
+def test_encoder_sees_visible_tokens_plus_class_token(build):
+    mae = make_mae(build())
+    seen = []
+    hooks = [blk.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+             for blk in mae.backbone.vit.blocks]
+    try:
+        mae({"image": images_for(mae)})
+    finally:
+        for h in hooks:
+            h.remove()
+    n = 16  # a 4x4 grid
+    visible = n - round(0.75 * n)
+    assert seen == [visible + 1] * len(mae.backbone.vit.blocks)
+
+
+def test_unshuffle_puts_every_token_back():
+    mae = make_mae(tiny_vit(), decoder_dim=8, decoder_heads=2)
+    b, n, d = 3, 16, 8
+    tokens = torch.randn(b, n, d)
+    masking = random_masking(b, n, 0.75, tokens.device)
+    visible = torch.gather(tokens, 1, masking.keep.unsqueeze(-1).expand(-1, -1, d))
+    restored = mae.unshuffle(visible, masking.restore)
+    assert torch.equal(restored[~masking.mask], tokens[~masking.mask])
+    mask_token = mae.decoder.mask_token.reshape(d).expand(int(masking.mask.sum()), d)
+    assert torch.equal(restored[masking.mask], mask_token)
+
+
+def test_loss_ignores_visible_patches():
+    mae = make_mae(tiny_vit())
+    images = images_for(mae)
+    masking = fixed_masking(mae, images)
+    pred = torch.randn(2, 16, mae.backbone.pixel_patch_size ** 2 * 3)
+    grid = mae.backbone.grid_size(images)
+
+    def with_new_patches(where):
+        patches = mae.backbone.patchify(images)
+        patches[where] = torch.randn_like(patches[where])
+        return mae.backbone.unpatchify(patches, grid)
+
+    loss = mae.forward_loss(images, pred, masking.mask)
+    assert torch.equal(mae.forward_loss(with_new_patches(~masking.mask), pred, masking.mask), loss)
+    assert not torch.allclose(mae.forward_loss(with_new_patches(masking.mask), pred, masking.mask), loss)
+
+
+def test_norm_pix_loss_normalises_each_patch():
+    mae = make_mae(tiny_vit())
+    images = images_for(mae)
+    target = mae.target(images)  # [B, N, p*p*C]
+    assert torch.allclose(target.mean(-1), torch.zeros(target.shape[:2]), atol=1e-5)
+    assert torch.allclose(target.var(-1), torch.ones(target.shape[:2]), atol=1e-3)
+    # Each patch on its own: rescaling and shifting one patch leaves every target unchanged.
+    patches = mae.backbone.patchify(images)
+    patches[0, 3] = 5.0 * patches[0, 3] + 2.0
+    moved = mae.backbone.unpatchify(patches, mae.backbone.grid_size(images))
+    assert torch.allclose(mae.target(moved), target, atol=1e-4)
+    raw = make_mae(tiny_vit(), norm_pix_loss=False)
+    assert torch.equal(raw.target(images), raw.backbone.patchify(images))
+
+
+def test_hybrid_masked_pixels_do_not_reach_the_network():
+    mae = make_mae(tiny_hybrid()).eval()
+    images = images_for(mae)
+    masking = fixed_masking(mae, images)
+    grid = mae.backbone.grid_size(images)
+
+    def encoded(where):
+        patches = mae.backbone.patchify(images)
+        patches[where] = torch.randn_like(patches[where])
+        return mae.forward_encoder(mae.backbone.unpatchify(patches, grid), masking)[0]
+
+    with torch.no_grad():
+        base = mae.forward_encoder(images, masking)[0]
+        assert torch.equal(encoded(masking.mask), base)
+        assert not torch.allclose(encoded(~masking.mask), base)  # the probe can see a change
+
+
+@pytest.mark.parametrize("build", [tiny_vit, tiny_hybrid], ids=["vit", "hybrid"])
+def test_a_few_steps_lower_the_loss(build):
+    torch.manual_seed(0)
+    mae = make_mae(build(pos_embed="sincos"))
+    images = images_for(mae, batch=4)
+    masking = fixed_masking(mae, images, seed=1)
+
+    def loss_on_fixed_mask():
+        latent, _, grid = mae.forward_encoder(images, masking)
+        return mae.forward_loss(images, mae.forward_decoder(latent, masking.restore, grid), masking.mask)
+
+    with torch.no_grad():
+        before = loss_on_fixed_mask().item()
+    optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    for _ in range(15):
+        loss, _ = mae({"image": images})
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        after = loss_on_fixed_mask().item()
+    assert after < 0.8 * before
+
+
+def test_checkpoint_rebuilds_mae_and_writes_the_reconstruction_png(tmp_path):
+    mae = make_mae(tiny_vit(img_size=32, pos_embed="sincos"), decoder_depth=1)
+    data = {"name": "default", "num_classes": 10, "class_names": None, "mean": MEAN, "std": STD, "img_size": 32}
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, mae.backbone, objective="mae", objective_config=vars(mae.cfg), train_config={},
+                    step=0, data=data, extra=mae.extra_checkpoint())
+    rebuilt = MAE.from_checkpoint(load_checkpoint(path))
+    assert rebuilt.backbone.cfg.pos_embed == "sincos"
+    images = images_for(mae)
+    masking = fixed_masking(mae, images)
+    mae.eval(), rebuilt.eval()
+    with torch.no_grad():
+        preds = [m.forward_decoder(m.forward_encoder(images, masking)[0], masking.restore, (8, 8))
+                 for m in (mae, rebuilt)]
+    assert torch.equal(*preds)
+    png = tmp_path / "recon.png"
+    viz_main([path, "--num-images", "2", "--out", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -33,6 +33,7 @@ class TrainConfig:
     hflip: bool = True
     # optimisation
     steps: int = 1000  # optimizer steps; 0 writes the random-init checkpoint
+    stop_at: Optional[int] = None  # stop early at this step and write ckpt.pt (the schedule keeps --steps)
     batch_size: int = 64  # images per optimizer step, over all processes and accumulation
     grad_accum: int = 1  # micro-batches per optimizer step
     init: Optional[str] = None  # start the backbone from a checkpoint (ckpt.pt, timm:NAME, .safetensors)

@@ -37,7 +37,8 @@ MAX_WARMUP_STEPS = 10_000  # the ViT paper's warmup
 STREAM_EPOCH_STEPS = 1_000  # "epoch" length of a stream whose size is unknown (epoch-based schedules)
 CONFIG_FILE, METRICS_FILE, CKPT_FILE, STATE_DIR = "config.json", "metrics.jsonl", "ckpt.pt", "state"
 # Settings that may change between a run and its resumption without changing its result.
-RESUMABLE_CHANGES = {"out", "save_every", "log_every", "eval_every", "num_workers", "compile", "skip_bad_images"}
+RESUMABLE_CHANGES = {"out", "save_every", "log_every", "eval_every", "num_workers", "compile", "skip_bad_images",
+                     "stop_at"}
 
 
 class NonFiniteError(RuntimeError):
@@ -291,14 +292,15 @@ class Trainer:
         step = self.state.load()
         if step:
             acc.print(f"resuming {self.out} at step {step}/{tc.steps}")
+        end = min(tc.steps, tc.stop_at) if tc.stop_at is not None else tc.steps
         acc.init_trackers(os.path.basename(os.path.normpath(self.out)))
         objective = acc.unwrap_model(self.model)
         objective = getattr(objective, "_orig_mod", objective)
-        bar = tqdm(total=tc.steps, initial=step, desc=self.run_cfg.objective, disable=not acc.is_local_main_process)
+        bar = tqdm(total=end, initial=min(step, end), desc=self.run_cfg.objective, disable=not acc.is_local_main_process)
         sums: dict[str, torch.Tensor] = {}
         images, t0 = 0, time.perf_counter()
         results = None
-        batches = self._micro_batches(step) if step < tc.steps else iter(())
+        batches = self._micro_batches(step) if step < end else iter(())
         self.model.train()
         for epoch, group in batches:
             info = StepInfo(step, tc.steps, epoch, self.steps_per_epoch)
@@ -340,7 +342,7 @@ class Trainer:
             step += 1
             bar.update(1)
 
-            if step % tc.log_every == 0 or step == tc.steps:
+            if step % tc.log_every == 0 or step == end:
                 n = (step - 1) % tc.log_every + 1
                 dt = time.perf_counter() - t0
                 record = {"step": step, "epoch": epoch, "lr": max(g["lr"] for g in self.optimizer.param_groups),
@@ -350,14 +352,14 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 img_s=f"{record['images_per_s']:.0f}")
                 sums, images, t0 = {}, 0, time.perf_counter()
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+            if tc.eval_every and step % tc.eval_every == 0 and step < end:
                 results = self.evaluate()
                 if results:
                     self._log({"step": step, **results})
                     acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-            if step % tc.save_every == 0 or step == tc.steps:
+            if step % tc.save_every == 0 or step == end:
                 self.state.save(step)
-            if step >= tc.steps:
+            if step >= end:
                 break
         bar.close()
         if tc.steps == 0 and self.state.latest() is None:

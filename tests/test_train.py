@@ -135,3 +135,12 @@ def test_two_process_cpu_run_writes_one_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))["step"] == 3
     assert result.stdout.count("checkpoint:") == 1
+
+
+def test_stop_at_writes_a_checkpoint_and_the_run_continues_the_same(tmp_path):
+    early = load_checkpoint(_recipe(tmp_path / "run", "--steps", "6", "--stop-at", "2"))
+    assert early["step"] == 2
+    resumed = load_checkpoint(_recipe(tmp_path / "run", "--steps", "6"))["state_dict"]
+    whole = load_checkpoint(_recipe(tmp_path / "whole", "--steps", "6"))["state_dict"]
+    for k in whole:
+        assert torch.allclose(whole[k], resumed[k], atol=1e-6), k

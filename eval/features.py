@@ -1,0 +1,199 @@
+"""Frozen features: one pass of a checkpoint's backbone over a data set's train and test splits.
+
+Images are resized to the model's input size and normalised as the checkpoint was trained
+(``ckpt.pt`` data mean/std, else ``ssl_vit.data.MEAN/STD``); the representation is
+``backbone(images)`` (class token or mean of patch tokens, as the checkpoint says; the teacher
+for DINO, since that is the backbone a DINO ``ckpt.pt`` holds). Batched, on the GPU when there
+is one (bf16 autocast there), with a progress bar.
+
+Features are cached as safetensors (tensors only, no pickle) under ``--cache-dir``, one file per
+split, keyed by a hash of the checkpoint file's content (or the timm name), the data (for a
+local path: its files' names, sizes and modification times), the split, the subset, the image
+size and the normalisation: a second call with the same inputs reads them back at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ssl_vit.backbone import Backbone
+from ssl_vit.checkpoint import atomic_write, load_backbone
+from ssl_vit.data import MEAN, STD, DataSource, EpochSampler, ImageDataset, eval_transform, load_data, make_loader
+
+from .common import DEFAULT_CACHE_DIR, EvalError, base_parser, data_specs, positive_int, resolve_device
+
+FEATURES_VERSION = 1  # part of the cache key: bump it when the extraction itself changes
+SUBSET_SEED = 0  # --max-train / --max-test draw the same images every time
+HASH_CHUNK = 1 << 20
+
+
+@dataclass
+class Features:
+    """train: [N, D] float32, train_labels: [N] int64, test: [M, D], test_labels: [M]."""
+
+    train: torch.Tensor
+    train_labels: torch.Tensor
+    test: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+
+
+def feature_parser(description: str) -> argparse.ArgumentParser:
+    """``common.base_parser`` plus the flags of feature extraction."""
+    parser = base_parser(description)
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
+                        help=f"feature cache folder (default: {DEFAULT_CACHE_DIR})")
+    parser.add_argument("--max-train", type=positive_int, default=None, metavar="N",
+                        help="use a fixed random subset of N training images (a quick look on a slow machine)")
+    parser.add_argument("--max-test", type=positive_int, default=None, metavar="N",
+                        help="use a fixed random subset of N test images")
+    return parser
+
+
+def checkpoint_digest(spec: str) -> str:
+    """sha256 of the checkpoint file's bytes, or of the name for ``timm:NAME`` (random init)."""
+    h = hashlib.sha256()
+    if spec.startswith("timm:"):
+        h.update(spec.encode())
+        return h.hexdigest()
+    with open(spec, "rb") as fh:
+        for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_identity(spec: str):
+    """What names a data set's content: its files (path, size, mtime) when local, else its name."""
+    path = os.path.expanduser(spec)
+    if spec == "default" or not os.path.exists(path):
+        return spec
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+    return [os.path.realpath(path)] + [
+        [os.path.relpath(f, path), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files
+    ]
+
+
+def subset(ds, n: Optional[int]):
+    """A fixed random subset of ``n`` rows (in their original order), or ``ds`` itself."""
+    if n is None or n >= len(ds):
+        return ds
+    g = torch.Generator().manual_seed(SUBSET_SEED)
+    return ds.select(sorted(torch.randperm(len(ds), generator=g)[:n].tolist()))
+
+
+@torch.inference_mode()
+def extract(backbone: Backbone, dataset: ImageDataset, batch_size: int, num_workers: int,
+            device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Representations [N, D] (float32, CPU) and labels [N] of every image, in data set order."""
+    sampler = EpochSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
+    loader = make_loader(dataset, sampler, num_workers, pin_memory=device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    feats, labels = [], []
+    with tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr) as bar:
+        for batch in loader:
+            with autocast:
+                out = backbone(batch["image"].to(device, non_blocking=True))
+            feats.append(out.float().cpu())
+            labels.append(batch["label"])
+            bar.update(len(out))
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+class FeatureExtractor:
+    """One checkpoint's backbone, ready to produce (cached) features for any data set."""
+
+    def __init__(self, spec: str, device: torch.device, cache_dir: str, batch_size: int = 256,
+                 num_workers: int = 2):
+        self.spec, self.device = spec, device
+        self.backbone, info = load_backbone(spec)  # CheckpointError for missing or foreign files
+        self.backbone.to(device)
+        data = info.get("data") or {}
+        self.mean, self.std = tuple(data.get("mean") or MEAN), tuple(data.get("std") or STD)
+        self.img_size = self.backbone.cfg.img_size
+        self.digest = checkpoint_digest(spec)
+        self.cache_dir = os.path.expanduser(cache_dir)
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def cache_path(self, data: str, split: str, limit: Optional[int], columns: tuple) -> str:
+        key = json.dumps({
+            "version": FEATURES_VERSION, "checkpoint": self.digest, "data": data_identity(data),
+            "columns": columns, "split": split, "limit": limit, "img_size": self.img_size,
+            "mean": self.mean, "std": self.std,
+        }, sort_keys=True)
+        return os.path.join(self.cache_dir, hashlib.sha256(key.encode()).hexdigest()[:40] + ".safetensors")
+
+    def features(self, data: str, image_column: Optional[str] = None, label_column: Optional[str] = None,
+                 max_train: Optional[int] = None, max_test: Optional[int] = None) -> Features:
+        """Train and test features of ``data``, from the cache when they are there."""
+        source: Optional[DataSource] = None
+        out = {}
+        for split, limit in (("train", max_train), ("test", max_test)):
+            path = self.cache_path(data, split, limit, (image_column, label_column))
+            if os.path.exists(path):
+                with safe_open(path, "pt") as fh:
+                    num_classes = int(fh.metadata()["num_classes"])
+                tensors = load_file(path)
+                out[split] = (tensors["features"], tensors["labels"])
+                continue
+            source = source or labelled_source(data, image_column, label_column)
+            num_classes = source.num_classes
+            ds = subset(getattr(source, split), limit)
+            if len(ds) == 0:
+                raise EvalError(f"the {split} split of {data} is empty")
+            dataset = ImageDataset(ds, source.image_column, source.label_column,
+                                   eval_transform(self.img_size, self.mean, self.std), split=split)
+            feats, labels = extract(self.backbone, dataset, self.batch_size, self.num_workers, self.device,
+                                    f"features {split} {os.path.basename(self.spec)}")
+            check_labels(labels, num_classes, data, split)
+            meta = {"checkpoint": self.spec, "data": data, "split": split, "num_classes": str(num_classes)}
+            tensors = {"features": feats.contiguous(), "labels": labels}
+            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+            out[split] = (feats, labels)
+        return Features(*out["train"], *out["test"], num_classes)
+
+
+def labelled_source(data: str, image_column: Optional[str], label_column: Optional[str]) -> DataSource:
+    """``load_data`` with the checks evaluation needs: labels, and a test split."""
+    source = load_data(data, image_column, label_column)
+    if not source.has_labels or not source.num_classes:
+        raise EvalError(
+            f"{data} has no label column: evaluation needs labels (it reports class accuracy); "
+            "name the column with --label-column, or evaluate on a labelled data set"
+        )
+    if source.test is None:
+        raise EvalError(f"{data} has no test split and none could be held out")
+    return source
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, data: str, split: str) -> None:
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if len(bad):
+        raise EvalError(
+            f"the {split} split of {data} has {len(bad)} labels outside 0..{num_classes - 1} "
+            f"(e.g. {int(bad[0])}; -1 usually marks an unlabelled split): evaluation needs labels"
+        )
+
+
+def each_features(args: argparse.Namespace) -> Iterator[tuple[str, str, Features]]:
+    """(checkpoint, data, features) for every checkpoint and data set of the command line."""
+    device = resolve_device(args.device)
+    for spec in args.checkpoints:
+        extractor = FeatureExtractor(spec, device, args.cache_dir, args.batch_size, args.num_workers)
+        for data in data_specs(args):
+            yield spec, data, extractor.features(data, args.image_column, args.label_column,
+                                                 args.max_train, args.max_test)

@@ -1,0 +1,249 @@
+"""Evaluation modules: the few-shot ridge solver, weighted kNN, the command lines, fine-tuning."""
+
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_hybrid, tiny_vit
+
+from eval import features as features_mod
+from eval import fewshot as fewshot_mod
+from eval import finetune as finetune_mod
+from eval import knn as knn_mod
+from eval import linear as linear_mod
+from eval.common import EvalError, run_cli
+from eval.features import Features
+from eval.fewshot import BIAS_CONSTANT, RidgeClassifier, fewshot
+from eval.knn import knn_predict, screened_topk
+from ssl_vit.checkpoint import load_checkpoint, save_checkpoint
+from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
+from ssl_vit.objectives import DataInfo
+
+FEWSHOT_KEYS = {"checkpoint", "data", "shots", "l2", "accuracy", "accuracy_std", "seeds"}
+KNN_KEYS = {"checkpoint", "data", "k", "temperature", "accuracy"}
+SMALL = ["--max-train", "60", "--max-test", "30", "--num-workers", "0"]
+
+
+def _save(path, backbone):
+    save_checkpoint(str(path), backbone, objective="supervised", objective_config={}, train_config={},
+                    step=0, data={})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    return _save(tmp_path_factory.mktemp("ckpt") / "ckpt.pt", tiny_vit())
+
+
+def _features(train, train_y, test, test_y, classes):
+    return Features(train, train_y, test, test_y, classes)
+
+
+# ----- few-shot ridge regression -----
+def _numpy_ridge(x, labels, classes, l2):
+    """The textbook solution on the standardised, bias-augmented design matrix."""
+    x = x.numpy().astype(np.float64)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-5)
+    x = np.concatenate([x, np.full((len(x), 1), BIAS_CONSTANT)], axis=1)
+    y = 2.0 * np.eye(classes)[labels.numpy()] - 1.0
+    return np.linalg.solve(x.T @ x + l2 * np.eye(x.shape[1]), x.T @ y)
+
+
+@pytest.mark.parametrize("n", [40, 6])  # more points than dimensions (primal), fewer (dual)
+def test_ridge_matches_numpy_solve_and_primal_equals_dual(n):
+    g = torch.Generator().manual_seed(n)
+    x, labels = torch.randn(n, 12, generator=g), torch.randint(3, (n,), generator=g)
+    for l2 in (0.5, 1024.0):
+        expected = _numpy_ridge(x, labels, 3, l2)
+        primal = RidgeClassifier(x, labels, 3, dual=False).weights(l2).numpy()
+        dual = RidgeClassifier(x, labels, 3, dual=True).weights(l2).numpy()
+        np.testing.assert_allclose(primal, expected, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(dual, expected, rtol=1e-6, atol=1e-9)
+    auto = RidgeClassifier(x, labels, 3)
+    assert auto.dual == (n < 13)
+    # the folded prediction equals argmax of the design matrix times W
+    test = torch.randn(20, 12, generator=g)
+    scores = auto.design(test) @ auto.weights(1024.0)
+    assert torch.equal(auto.predict(test, 1024.0), scores.argmax(1))
+
+
+def test_fewshot_separable_features_reach_100_percent():
+    g = torch.Generator().manual_seed(0)
+    classes, dim = 10, 32
+    centres = 5.0 * torch.randn(classes, dim, generator=g)
+    train_y, test_y = torch.arange(500) % classes, torch.arange(300) % classes
+    feats = _features(centres[train_y] + 0.1 * torch.randn(500, dim, generator=g), train_y,
+                      centres[test_y] + 0.1 * torch.randn(300, dim, generator=g), test_y, classes)
+    for record in fewshot(feats, shots=(1, 5), seeds=2):
+        assert record["accuracy"] == 1.0 and record["accuracy_std"] == 0.0
+    (swept,) = fewshot(feats, shots=(5,), seeds=2, l2="sweep", val_size=100)
+    assert swept["accuracy"] == 1.0 and len(swept["l2"]) == 2
+
+
+def test_fewshot_random_labels_stay_near_chance():
+    g = torch.Generator().manual_seed(1)
+    classes = 10
+    feats = _features(torch.randn(2000, 64, generator=g), torch.randint(classes, (2000,), generator=g),
+                      torch.randn(3000, 64, generator=g), torch.randint(classes, (3000,), generator=g), classes)
+    for record in fewshot(feats, shots=(5, 25), seeds=3):
+        assert abs(record["accuracy"] - 1 / classes) < 0.03, record
+
+
+def test_fewshot_more_shots_than_a_class_has():
+    labels = torch.tensor([0] * 10 + [1] * 3)
+    feats = _features(torch.randn(13, 4), labels, torch.randn(5, 4), torch.zeros(5, dtype=torch.long), 2)
+    with pytest.raises(EvalError, match="class 1 has 3"):
+        fewshot(feats, shots=(5,))
+
+
+# ----- kNN -----
+def _brute_force_knn(train, train_y, test, classes, k, temperature):
+    train, test = F.normalize(train, dim=1), F.normalize(test, dim=1)
+    predictions = []
+    for row in test:
+        sims = [(float(row @ t), int(y)) for t, y in zip(train, train_y)]
+        sims.sort(key=lambda s: -s[0])
+        votes = [0.0] * classes
+        for sim, label in sims[:k]:
+            votes[label] += float(np.exp(sim / temperature))
+        predictions.append(int(np.argmax(votes)))
+    return predictions
+
+
+def test_knn_matches_brute_force_loop_with_weights():
+    g = torch.Generator().manual_seed(0)
+    train, train_y = torch.randn(80, 6, generator=g), torch.randint(4, (80,), generator=g)
+    test = torch.randn(25, 6, generator=g)
+    ks = (1, 5, 20)
+    got = knn_predict(train, train_y, test, 4, ks=ks, temperature=0.07, chunk_rows=7)  # several chunks
+    for k in ks:
+        assert got[k].tolist() == _brute_force_knn(train, train_y, test, 4, k, 0.07)
+    # the votes are weighted: one very close neighbour of class 0 outvotes two distant ones of class 1
+    train = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.5, -1.0]])
+    votes = knn_predict(train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.05]]), 2, ks=(3,), temperature=0.07)
+    assert votes[3].tolist() == [0]
+    flat = knn_predict(train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.05]]), 2, ks=(3,), temperature=1e3)
+    assert flat[3].tolist() == [1]  # a huge T makes every vote equal: majority wins
+
+
+def test_knn_k_larger_than_train_set():
+    with pytest.raises(EvalError, match="k = 200"):
+        knn_predict(torch.randn(10, 3), torch.zeros(10, dtype=torch.long), torch.randn(2, 3), 1)
+
+
+# ----- the command lines -----
+def _run(module, argv, capsys):
+    run_cli(module.main, argv)
+    return capsys.readouterr().out
+
+
+def test_cli_records_cache_and_linear(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    cache, out = str(tmp_path / "cache"), tmp_path / "fewshot.json"
+    args = [tiny_ckpt, "--data", "default", "--cache-dir", cache, *SMALL]
+    table = _run(fewshot_mod, args + ["--shots", "1", "2", "--seeds", "2", "--json", str(out)], capsys)
+    assert "shots=1" in table and "shots=2" in table
+    records = json.loads(out.read_text())
+    assert [set(r) for r in records] == [FEWSHOT_KEYS] * 2
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["seeds"] == 2 and r["l2"] == 1024.0 for r in records)
+
+    # a second call reads the cached features: extraction must not run again
+    def no_extraction(*a, **kw):
+        raise AssertionError("features were extracted again")
+
+    monkeypatch.setattr(features_mod, "extract", no_extraction)
+    out = tmp_path / "knn.json"
+    _run(knn_mod, args + ["--k", "1", "5", "--json", str(out)], capsys)
+    records = json.loads(out.read_text())
+    assert [set(r) for r in records] == [KNN_KEYS] * 2 and [r["k"] for r in records] == [1, 5]
+
+    out = tmp_path / "linear.json"
+    _run(linear_mod, args + ["--epochs", "3", "--bn", "--json", str(out)], capsys)
+    (record,) = json.loads(out.read_text())
+    assert {"checkpoint", "data", "accuracy", "epochs"} <= set(record) and record["bn"] is True
+    assert record["epochs"] == 3 and 0.0 <= record["accuracy"] <= 1.0
+
+
+def test_timm_and_hybrid_checkpoints(tmp_path, capsys):
+    torch.manual_seed(0)
+    hybrid = _save(tmp_path / "hybrid.pt", tiny_hybrid())
+    out = tmp_path / "knn.json"
+    _run(knn_mod, ["timm:test_vit", hybrid, "--data", "default", "--cache-dir", str(tmp_path / "c"),
+                   "--k", "3", "--json", str(out), "--max-train", "40", "--max-test", "20", "--num-workers", "0"],
+         capsys)
+    records = json.loads(out.read_text())
+    assert [r["checkpoint"] for r in records] == ["timm:test_vit", hybrid]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in records)
+
+
+def test_finetune_at_higher_resolution(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "ft.json"
+    _run(finetune_mod, [tiny_ckpt, "--data", "default", "--img-size", "32", "--steps", "2", "--batch-size", "8",
+                        "--num-workers", "0", "--out", str(tmp_path / "runs"), "--json", str(out)], capsys)
+    (record,) = json.loads(out.read_text())
+    assert {"checkpoint", "data", "accuracy", "epochs"} <= set(record)
+    assert record["img_size"] == 32 and record["protocol"] == "paper" and 0.0 <= record["accuracy"] <= 1.0
+    ckpt = load_checkpoint(f"{record['run']}/ckpt.pt")
+    assert ckpt["arch"]["img_size"] == 32 and ckpt["train_config"]["optimizer"] == "momentum"
+    assert ckpt["results"]["test_accuracy"] == record["accuracy"]
+    assert ckpt["state_dict"]["pos_embed"].shape == (1, 1 + 8 * 8, 192)  # 4x4 grid resampled to 8x8
+    backbone = tiny_vit(img_size=32)
+    backbone.vit.load_state_dict(ckpt["state_dict"])
+    model = Supervised(backbone, SupervisedConfig(zero_head=True),
+                       DataInfo("default", 10, None, (0.5,) * 3, (0.5,) * 3, 32))
+    model.head.load_state_dict(ckpt["head_state_dict"])
+    assert model.logits(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+# ----- bad input -----
+def _error(module, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(module.main, argv)
+    err = capsys.readouterr().err  # progress bars, then the message
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert re.search(r"(^|\n)error: ", err)
+    return err
+
+
+def test_bad_inputs(tiny_ckpt, tmp_path, capsys):
+    cache = ["--cache-dir", str(tmp_path / "c"), *SMALL]
+    assert "does not exist" in _error(knn_mod, [str(tmp_path / "missing.pt"), *cache], capsys)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    assert "not a readable ssl_vit checkpoint" in _error(fewshot_mod, [str(text), *cache], capsys)
+    err = _error(fewshot_mod, [tiny_ckpt, "--shots", "20", *cache], capsys)  # 60 images of 10 classes
+    assert re.search(r"20-shot needs 20 training images per class, but class \d+ has \d+", err)
+
+    import datasets
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    rows = {"image": [{"bytes": buf.getvalue(), "path": None}] * 4}
+    ds = datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()}))
+    ds.to_parquet(str(tmp_path / "unlabelled.parquet"))
+    unlabelled = [tiny_ckpt, "--data", str(tmp_path / "unlabelled.parquet")]
+    assert "evaluation needs labels" in _error(knn_mod, unlabelled + cache, capsys)
+    assert "evaluation needs labels" in _error(finetune_mod, unlabelled + ["--out", str(tmp_path)], capsys)
+
+
+@pytest.mark.parametrize("margin", [16, 0])  # 0: no row can be proven, every row takes the float32 path
+def test_screened_topk_equals_float32_search(margin):
+    g = torch.Generator().manual_seed(margin)
+    centres = torch.randn(5, 48, generator=g)
+    train = F.normalize(centres[torch.randint(5, (3000,), generator=g)] + torch.randn(3000, 48, generator=g), dim=1)
+    test = F.normalize(torch.randn(40, 48, generator=g), dim=1)
+    train_bf16 = train.bfloat16()
+    lo = (train - train_bf16.float()).norm(dim=1).max().item()
+    values, indices = screened_topk(test, train, train_bf16, lo, 10, margin)
+    expected_values, expected_indices = (test @ train.T).topk(10, dim=1)
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=1e-6)
+    assert torch.equal(indices.sort(1).values, expected_indices.sort(1).values)
+    labels = torch.randint(5, (3000,), generator=g)
+    screened = knn_predict(train, labels, test, 5, ks=(5, 10), screen=True)
+    plain = knn_predict(train, labels, test, 5, ks=(5, 10), screen=False)
+    assert all(torch.equal(screened[k], plain[k]) for k in (5, 10))

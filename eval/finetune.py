@@ -9,8 +9,7 @@ no weight decay, gradient clipping at norm 1, linear warmup then cosine decay, z
 D x K head, batch 512; the paper's CIFAR grid is 10k steps with lr in {0.001, 0.003, 0.01, 0.03}.
 ``--protocol mae`` (MAE ``main_finetune.py``): AdamW, lr 5e-4 x batch / 256, weight decay 0.05,
 layer-wise lr decay 0.65 (layers from timm's ``group_matcher``), drop-path 0.1, Mixup 0.8 /
-CutMix 1.0, label smoothing 0.1, no clipping. RandAugment is not applied: the training loop's
-augmentation (``TrainConfig``) has no RandAugment setting yet.
+CutMix 1.0, label smoothing 0.1, RandAugment rand-m9-mstd0.5-inc1 (timm), no clipping.
 
 ``--img-size`` larger than the checkpoint's keeps the patch size and resamples the position
 embeddings in 2-D. Defaults: batch 512 and 500 steps on a GPU; 64 and 200 steps on a CPU (so a
@@ -51,11 +50,12 @@ class Protocol:
     label_smoothing: float
     mixup: float
     cutmix: float
+    randaugment: Optional[str]  # timm RandAugment spec
 
 
 PROTOCOLS = {
-    "paper": Protocol("momentum", 0.01, None, 0.0, 1.0, None, 0.0, 0.0, 0.0, 0.0),
-    "mae": Protocol("adamw", 5e-4, 256, 0.05, 0.0, 0.65, 0.1, 0.1, 0.8, 1.0),
+    "paper": Protocol("momentum", 0.01, None, 0.0, 1.0, None, 0.0, 0.0, 0.0, 0.0, None),
+    "mae": Protocol("adamw", 5e-4, 256, 0.05, 0.0, 0.65, 0.1, 0.1, 0.8, 1.0, "rand-m9-mstd0.5-inc1"),
 }
 GPU_STEPS, GPU_BATCH = 500, 512  # the paper's short schedule (Pets, Flowers) and batch
 CPU_STEPS, CPU_BATCH = 200, 64  # minutes on a laptop CPU
@@ -82,7 +82,7 @@ def build_run(spec: str, data: str, args, protocol: Protocol) -> RunConfig:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     train = TrainConfig(
         data=data, image_column=args.image_column, label_column=args.label_column, num_workers=args.num_workers,
-        crop_scale=tuple(args.crop_scale), steps=args.steps or (GPU_STEPS if cuda else CPU_STEPS),
+        crop_scale=tuple(args.crop_scale), randaugment=protocol.randaugment, steps=args.steps or (GPU_STEPS if cuda else CPU_STEPS),
         batch_size=args.batch_size or (GPU_BATCH if cuda else CPU_BATCH), init=spec,
         optimizer=protocol.optimizer, layer_decay=protocol.layer_decay, lr=protocol.lr,
         lr_ref_batch=protocol.lr_ref_batch, warmup_steps=args.warmup_steps, weight_decay=protocol.weight_decay,
@@ -107,7 +107,7 @@ def finetune(run: RunConfig) -> tuple[dict, bool]:
         "lr": tc.lr, "lr_ref_batch": tc.lr_ref_batch, "optimizer": tc.optimizer, "weight_decay": tc.weight_decay,
         "layer_decay": tc.layer_decay, "clip_grad": tc.clip_grad, "img_size": run.backbone.img_size,
         "drop_path_rate": run.backbone.drop_path_rate, "label_smoothing": oc.label_smoothing, "mixup": oc.mixup,
-        "cutmix": oc.cutmix, "run": trainer.out,
+        "cutmix": oc.cutmix, "randaugment": tc.randaugment, "run": trainer.out,
     }, trainer.acc.is_main_process
 
 
@@ -126,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs", help="parent folder of the run folders")
     for f in dataclasses.fields(Protocol):  # every protocol setting can be overridden
-        kind = str if f.name == "optimizer" else int if f.name == "lr_ref_batch" else float
+        kind = str if f.name in ("optimizer", "randaugment") else int if f.name == "lr_ref_batch" else float
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                             help="default: the protocol's (" + ", ".join(
                                 f"{n}: {getattr(p, f.name)}" for n, p in PROTOCOLS.items()) + ")")

@@ -31,6 +31,7 @@ class TrainConfig:
     num_workers: int = 2
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop scale range
     hflip: bool = True
+    randaugment: Optional[str] = None  # timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1" (MAE fine-tuning)
     # optimisation
     steps: int = 1000  # optimizer steps; 0 writes the random-init checkpoint
     stop_at: Optional[int] = None  # stop early at this step and write ckpt.pt (the schedule keeps --steps)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.auto_augment import rand_augment_transform
 from torchvision.transforms import v2
 
 MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
@@ -23,11 +24,16 @@ def train_transform(
     hflip: bool = True,
     mean: Sequence[float] = MEAN,
     std: Sequence[float] = STD,
+    randaugment: Optional[str] = None,
 ) -> v2.Compose:
-    """Inception crop (random resized crop) and horizontal flip, the ViT paper's augmentation."""
+    """Inception crop (random resized crop) and horizontal flip, the ViT paper's augmentation;
+    optionally timm's RandAugment (``randaugment`` spec such as "rand-m9-mstd0.5-inc1")."""
     steps = [v2.RandomResizedCrop(img_size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
+    if randaugment:
+        steps.append(rand_augment_transform(randaugment, {"translate_const": int(img_size * 0.45),
+                                                          "img_mean": tuple(round(255 * m) for m in mean)}))
     return v2.Compose(steps + [to_normalized_tensor(mean, std)])
 
 

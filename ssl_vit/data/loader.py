@@ -188,9 +188,10 @@ class EpochSampler(Sampler):
 
 
 def make_loader(dataset, sampler: Optional[EpochSampler], num_workers: int, pin_memory: bool,
-                batch_size: Optional[int] = None, drop_last: bool = True) -> DataLoader:
+                batch_size: Optional[int] = None, drop_last: bool = True, persistent: bool = False) -> DataLoader:
     """A DataLoader over ``ImageDataset`` + ``EpochSampler``, or over a ``StreamingImageDataset``
-    (no sampler: pass ``batch_size`` and ``drop_last``)."""
+    (no sampler: pass ``batch_size`` and ``drop_last``). ``persistent``: keep the workers between
+    epochs (the sampler runs in this process, so ``set_epoch`` and resume still reach them)."""
     return DataLoader(
         dataset,
         batch_size=sampler.batch_size if sampler else batch_size,
@@ -199,6 +200,6 @@ def make_loader(dataset, sampler: Optional[EpochSampler], num_workers: int, pin_
         collate_fn=collate,
         pin_memory=pin_memory,
         drop_last=sampler.drop_last if sampler else drop_last,
-        persistent_workers=False,  # the sampler changes per epoch and on resume
+        persistent_workers=persistent and num_workers > 0,
         generator=torch.Generator().manual_seed(0),  # draws base seeds without touching the global RNG
     )

@@ -182,8 +182,11 @@ class DINO(Objective):
         image, entropy of the teacher's mean output over the batch)."""
         teacher_probs = F.softmax((teacher_logits.float() - self.center) / self.teacher_temp, dim=-1)
         student_log_probs = F.log_softmax(student_logits.float() / self.cfg.student_temp, dim=-1)
-        pairs = view_pairs(len(teacher_logits), len(student_logits))
-        loss = sum(-(teacher_probs[t] * student_log_probs[s]).sum(-1).mean() for t, s in pairs) / len(pairs)
+        # H(teacher view t, student view s) for every pair in one matmul: [T, V], averaged over the batch.
+        # (Indexing one pair at a time costs a zero-filled [V, B, K] gradient per pair.)
+        cross = -torch.einsum("tbk,sbk->ts", teacher_probs, student_log_probs) / teacher_probs.shape[1]
+        teacher_view, student_view = zip(*view_pairs(len(teacher_probs), len(student_log_probs)))
+        loss = cross[list(teacher_view), list(student_view)].mean()  # pairs of different views only
         entropy = torch.special.entr(teacher_probs).sum(-1).mean()
         batch_entropy = torch.special.entr(teacher_probs.mean((0, 1))).sum()
         return loss, entropy, batch_entropy
@@ -249,8 +252,8 @@ class DINO(Objective):
         batch_center = total[:-1] / total[-1]
         self.center.mul_(self.cfg.center_momentum).add_(batch_center, alpha=1.0 - self.cfg.center_momentum)
         m = self.teacher_momentum(info.step, info.total_steps)
-        for t, s in zip(self._teacher_parameters(), self._student_parameters()):
-            t.lerp_(s.detach(), 1.0 - m)  # t = m * t + (1 - m) * s
+        # t = m * t + (1 - m) * s over all parameters at once (one kernel per group on a GPU, not one each)
+        torch._foreach_lerp_(list(self._teacher_parameters()), [s.detach() for s in self._student_parameters()], 1.0 - m)
         self._watch(self._watch_sum[:-1] / self._watch_sum[-1])
         self._teacher_sum = self._watch_sum = None
 

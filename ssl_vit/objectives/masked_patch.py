@@ -193,7 +193,9 @@ class MaskedPatchPrediction(Objective):
             predicted, true = self.color_classes(predictions.float(), take(targets, corruption.masked))
             accuracy = (predicted == true).float().mean()
             # The trivial answer: always the batch's most frequent colour class.
-            baseline = torch.bincount(true.flatten(), minlength=NUM_COLORS).max() / true.numel()
+            # Class counts by index_add_: bincount reads the largest class back to the host on CUDA.
+            ones = torch.ones(true.numel(), device=true.device)
+            baseline = torch.zeros(NUM_COLORS, device=true.device).index_add_(0, true.flatten(), ones).max() / true.numel()
         return loss, {"color_accuracy": accuracy, "baseline_accuracy": baseline.float()}
 
     # ----- what is saved -----

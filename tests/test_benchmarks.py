@@ -1,0 +1,41 @@
+"""The throughput benchmark: its host-sync audit, and one tiny side-by-side run end to end."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from measure import SyncAudit  # noqa: E402
+
+
+def test_sync_audit_flags_what_would_stall_a_gpu_and_nothing_else():
+    x, mask = torch.randn(8, 4), torch.rand(8) > 0.5
+    with SyncAudit() as audit:
+        x.sum().item()
+        x[mask]
+        torch.bincount(torch.tensor([1, 2, 2]))
+        x.masked_fill(mask.unsqueeze(1), 0.0)  # the same data dependence, done on the device
+        x[torch.tensor([0, 3])]
+        with audit.ignoring():
+            x.max().item()
+    assert dict(audit.ops) == {"_local_scalar_dense": 1, "index (boolean mask)": 1, "bincount": 1}
+
+
+def test_quick_run_prints_ratios_and_records_crashes(capsys):
+    pytest.importorskip("lightly")
+    pytest.importorskip("vit_pytorch")
+    import train_throughput
+
+    record = train_throughput.main([
+        "--quick", "--objectives", "mae", "--depth", "1", "--batch-size", "4", "--warmup", "1", "--rounds", "1",
+        "--steps", "1", "--round-seconds", "0", "--no-memory", "--data", "", "--no-save"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    rows = {row["impl"]: row for row in record["rows"]}
+    assert set(rows) == {"ours", "lightly MAE", "vit-pytorch MAE", "vit-pytorch MAE pool=mean"}
+    assert "error" in rows["vit-pytorch MAE"]  # its README's ViT(pool='cls') breaks its MAE (1.26)
+    ratios = [rows[name]["ratio_images_per_s"] for name in ("lightly MAE", "vit-pytorch MAE pool=mean")]
+    assert all(r > 0 for r in ratios)
+    assert last == f"min ratio ours/theirs: {min(ratios):.2f}"

@@ -54,6 +54,8 @@ def _check_settings(run: RunConfig) -> None:
     tc = run.train
     if tc.precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"--precision {tc.precision!r}: use no, bf16 or fp16")
+    if tc.lr_scaling not in ("linear", "sqrt"):
+        raise ValueError(f"--lr-scaling {tc.lr_scaling!r}: use linear or sqrt")
     if tc.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"--on-nonfinite {tc.on_nonfinite!r}: use stop or skip")
     if tc.steps < 0 or tc.batch_size < 1 or tc.grad_accum < 1:
@@ -386,8 +388,6 @@ def _scaled_lr(tc) -> float:
     """--lr at --lr-ref-batch, scaled to --batch-size linearly or by the square root."""
     if not tc.lr_ref_batch:
         return tc.lr
-    if tc.lr_scaling not in ("linear", "sqrt"):
-        raise ValueError(f"--lr-scaling {tc.lr_scaling!r}: use linear or sqrt")
     ratio = tc.batch_size / tc.lr_ref_batch
     return tc.lr * (math.sqrt(ratio) if tc.lr_scaling == "sqrt" else ratio)
 

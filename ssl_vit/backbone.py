@@ -97,6 +97,16 @@ def _timm_kwargs(cfg: BackboneConfig) -> tuple[str, dict]:
     )
 
 
+def _check_divisible(model: str, img_size: int, stem_stride: int, embed_patch: int) -> None:
+    """Refuse an image size that the model's pixels per token (stem stride x patch) do not divide."""
+    p = stem_stride * embed_patch
+    what = (f"{model}'s total stride {p} (stem stride {stem_stride} x patch {embed_patch})"
+            if stem_stride > 1 else f"the patch size {p}")
+    if img_size % p != 0:
+        nearest = max(p, round(img_size / p) * p)
+        raise BackboneError(f"image size {img_size} is not divisible by {what}; use a multiple of {p} such as {nearest}")
+
+
 def _stem_stride(embed: nn.Module, in_chans: int) -> int:
     """Total stride of a hybrid's CNN stem, found by running it once on a probe image."""
     probe = 256
@@ -138,9 +148,8 @@ class Backbone(nn.Module):
         except (TypeError, AssertionError):
             return
         if hasattr(probe.patch_embed, "backbone"):
-            self.is_hybrid, self.stem_stride = True, _stem_stride(probe.patch_embed, self.cfg.in_chans)
-            self.pixel_patch_size = self.stem_stride * probe.patch_embed.patch_size[0]
-            self.check_img_size(self.cfg.img_size)
+            stem_stride = _stem_stride(probe.patch_embed, self.cfg.in_chans)
+            _check_divisible(self.cfg.model, self.cfg.img_size, stem_stride, probe.patch_embed.patch_size[0])
 
     # ----- geometry -----
     @property
@@ -157,16 +166,7 @@ class Backbone(nn.Module):
         return tuple(self.vit.patch_embed.grid_size)
 
     def check_img_size(self, img_size: int) -> None:
-        p = self.pixel_patch_size
-        what = (
-            f"{self.cfg.model}'s total stride {p} (stem stride {self.stem_stride} x patch "
-            f"{p // self.stem_stride})" if self.is_hybrid else f"the patch size {p}"
-        )
-        if img_size % p != 0:
-            nearest = max(p, round(img_size / p) * p)
-            raise BackboneError(
-                f"image size {img_size} is not divisible by {what}; use a multiple of {p} such as {nearest}"
-            )
+        _check_divisible(self.cfg.model, img_size, self.stem_stride, self.pixel_patch_size // self.stem_stride)
 
     def grid_size(self, images: torch.Tensor) -> tuple[int, int]:
         h, w = images.shape[-2:]

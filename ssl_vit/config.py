@@ -52,7 +52,7 @@ class TrainConfig:
     seed: int = 0
     # run folder
     out: Optional[str] = None  # run folder; default runs/<objective>-<data>-<model>
-    save_every: int = 500  # training state every N steps (resume point)
+    save_every: int = 500  # training state every N steps (resume point; 0: at the end only)
     log_every: int = 10
     eval_every: int = 0  # test metric every N steps (0: at the end only)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does

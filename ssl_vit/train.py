@@ -60,6 +60,8 @@ def _check_settings(run: RunConfig) -> None:
         raise ValueError(f"--on-nonfinite {tc.on_nonfinite!r}: use stop or skip")
     if tc.steps < 0 or tc.batch_size < 1 or tc.grad_accum < 1:
         raise ValueError("--steps must be >= 0, --batch-size and --grad-accum >= 1")
+    if tc.log_every < 1 or tc.save_every < 0 or tc.eval_every < 0:
+        raise ValueError("--log-every must be >= 1; --save-every and --eval-every >= 0 (0: at the end only)")
 
 
 def _flat(d: dict) -> dict:
@@ -361,7 +363,7 @@ class Trainer:
                 if results:
                     self._log({"step": step, **results})
                     acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-            if step % tc.save_every == 0 or step == end:
+            if (tc.save_every and step % tc.save_every == 0) or step == end:
                 self.state.save(step)
             if step >= end:
                 break

@@ -18,7 +18,7 @@ from eval import linear as linear_mod
 from eval.common import EvalError, run_cli
 from eval.features import Features
 from eval.fewshot import BIAS_CONSTANT, RidgeClassifier, fewshot
-from eval.knn import knn_predict, screened_topk
+from eval.knn import bf16_candidates, knn_predict, screened_topk
 from ssl_vit.checkpoint import load_checkpoint, save_checkpoint
 from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
 from ssl_vit.objectives import DataInfo
@@ -247,3 +247,16 @@ def test_screened_topk_equals_float32_search(margin):
     screened = knn_predict(train, labels, test, 5, ks=(5, 10), screen=True)
     plain = knn_predict(train, labels, test, 5, ks=(5, 10), screen=False)
     assert all(torch.equal(screened[k], plain[k]) for k in (5, 10))
+
+
+def test_bf16_candidates_are_the_largest_entries_or_flagged():
+    g = torch.Generator().manual_seed(0)
+    approx = torch.randn(30, 5000, generator=g).bfloat16()
+    approx[:10] = -approx[:10].abs()  # rows of negative similarities only: int16 order is not float order
+    approx[10, :7] = 0.5  # fewer than c non-negative entries: cannot be certain
+    approx[10, 7:] = -approx[10, 7:].abs()
+    values, indices, certain = bf16_candidates(approx, 12)
+    assert certain.tolist() == [False] * 11 + [True] * 19
+    expected = approx.topk(12, dim=1).values
+    assert torch.equal(values[certain], expected[certain])
+    assert torch.equal(approx.gather(1, indices)[certain], expected[certain])

@@ -28,7 +28,8 @@ def _recipe(out, *extra):
 
 
 def test_recipe_end_to_end(tmp_path):
-    path = _recipe(tmp_path / "run", "--steps", "4")
+    path = _recipe(tmp_path / "run", "--steps", "4", "--save-every", "0")  # 0: state at the end only
+    assert (tmp_path / "run" / "state" / "latest").exists()
     ckpt = torch.load(path, weights_only=True)  # plain tensors and values only
     assert ckpt["step"] == 4 and ckpt["objective"] == "supervised"
     assert 0.0 <= ckpt["results"]["test_accuracy"] <= 1.0
@@ -37,6 +38,13 @@ def test_recipe_end_to_end(tmp_path):
     assert json.load(open(tmp_path / "run" / "config.json"))["backbone"]["depth"] == 1
     backbone, info = load_backbone(path)
     assert backbone(torch.randn(1, 3, 16, 16)).shape == (1, 192)
+
+
+@pytest.mark.parametrize("bad, name", [(["--log-every", "0"], "--log-every"), (["--save-every", "-1"], "--save-every"),
+                                       (["--lr-scaling", "cube"], "--lr-scaling")])
+def test_bad_loop_settings_are_refused_by_name(tmp_path, bad, name):
+    with pytest.raises(ValueError, match=name):
+        _recipe(tmp_path / "run", "--steps", "1", *bad)
 
 
 def test_steps_zero_writes_the_random_init_checkpoint(tmp_path):
@@ -144,3 +152,19 @@ def test_stop_at_writes_a_checkpoint_and_the_run_continues_the_same(tmp_path):
     whole = load_checkpoint(_recipe(tmp_path / "whole", "--steps", "6"))["state_dict"]
     for k in whole:
         assert torch.allclose(whole[k], resumed[k], atol=1e-6), k
+
+
+def test_curves_png_from_metrics_and_clear_error_for_unknown_metric(tmp_path):
+    from ssl_vit.viz.curves import plot_curves
+
+    run = tmp_path / "dino-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"objective": "dino", "objective_config": {"out_dim": 64}}))
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "epoch": 0, "loss": 4.0 - s / 10, "teacher_entropy": 3.9}) + "\n" for s in (10, 20, 30)))
+    out = plot_curves([str(run)], str(tmp_path / "curves.png"))
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no run logged \\['accuracy'\\]"):
+        plot_curves([str(run)], str(tmp_path / "x.png"), keys=["accuracy"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        plot_curves([str(tmp_path / "missing")], str(tmp_path / "x.png"))

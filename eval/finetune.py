@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from ssl_vit.backbone import BackboneConfig
-from ssl_vit.checkpoint import load_backbone, load_checkpoint
+from ssl_vit.checkpoint import backbone_info, load_checkpoint
 from ssl_vit.config import RunConfig, TrainConfig
 from ssl_vit.objectives.supervised import SupervisedConfig
 from ssl_vit.train import Trainer
@@ -75,7 +75,7 @@ def run_tag(text: str) -> str:
 def build_run(spec: str, data: str, args, protocol: Protocol) -> RunConfig:
     """The RunConfig of one fine-tuning run: the supervised objective with a zero-initialised head,
     the backbone initialised from ``spec`` at ``--img-size``."""
-    _, info = load_backbone(spec)  # a clear error for a missing or foreign checkpoint, before training
+    info = backbone_info(spec)  # a clear error for a missing or foreign checkpoint, before training
     arch = dict(info["arch"])
     arch["img_size"] = args.img_size or arch["img_size"]
     arch["drop_path_rate"] = protocol.drop_path_rate

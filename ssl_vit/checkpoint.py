@@ -132,29 +132,43 @@ def export_safetensors(ckpt_path: str, out_path: str, state_key: str = "state_di
     atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def load_backbone(spec: str) -> tuple[Backbone, dict[str, Any]]:
-    """Any backbone by name: an ssl_vit ``ckpt.pt``, ``timm:MODEL_NAME`` (random init) or a
-    ``.safetensors`` export. Returns the backbone in eval mode and what is known about it."""
+def _read_spec(spec: str) -> tuple[dict[str, Any], Optional[dict]]:
+    """(what is known about the backbone ``spec`` names, its ssl_vit ckpt.pt if it is one): the
+    files' checks run here, nothing is built."""
     if spec.startswith("timm:"):
-        cfg = BackboneConfig(model=spec[len("timm:"):])
-        backbone = Backbone(cfg)
-        info = {"arch": dataclasses.asdict(cfg), "objective": "random-init", "step": 0, "data": {}}
-    elif spec.endswith(".safetensors"):
+        arch = dataclasses.asdict(BackboneConfig(model=spec[len("timm:"):]))
+        return {"arch": arch, "objective": "random-init", "step": 0, "data": {}}, None
+    if spec.endswith(".safetensors"):
         if not os.path.exists(spec):
             raise CheckpointError(f"checkpoint {spec} does not exist")
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         with safe_open(spec, "pt") as fh:
             meta = fh.metadata() or {}
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{spec} has no ssl_vit metadata; export it with python -m ssl_vit.export")
-        arch = json.loads(meta["arch"])
-        info = {"arch": arch, "objective": meta.get("objective"), "step": int(meta.get("step", 0)),
-                "data": json.loads(meta.get("data", "{}"))}
-        backbone = backbone_from_checkpoint({"arch": arch, "state_dict": load_file(spec)})
+        return {"arch": json.loads(meta["arch"]), "objective": meta.get("objective"),
+                "step": int(meta.get("step", 0)), "data": json.loads(meta.get("data", "{}"))}, None
+    ckpt = load_checkpoint(spec)
+    return {k: v for k, v in ckpt.items() if not k.endswith("state_dict")}, ckpt
+
+
+def backbone_info(spec: str) -> dict[str, Any]:
+    """What ``load_backbone(spec)`` would report (architecture, objective, step, data) without
+    building the model; missing or foreign files raise the same ``CheckpointError``."""
+    return _read_spec(spec)[0]
+
+
+def load_backbone(spec: str) -> tuple[Backbone, dict[str, Any]]:
+    """Any backbone by name: an ssl_vit ``ckpt.pt``, ``timm:MODEL_NAME`` (random init) or a
+    ``.safetensors`` export. Returns the backbone in eval mode and what is known about it."""
+    info, ckpt = _read_spec(spec)
+    if spec.startswith("timm:"):
+        backbone = Backbone(BackboneConfig(**info["arch"]))
+    elif ckpt is None:  # a safetensors export
+        from safetensors.torch import load_file
+
+        backbone = backbone_from_checkpoint({"arch": info["arch"], "state_dict": load_file(spec)})
     else:
-        ckpt = load_checkpoint(spec)
         backbone = backbone_from_checkpoint(ckpt)
-        info = {k: v for k, v in ckpt.items() if k not in ("state_dict",) and not k.endswith("state_dict")}
     return backbone.eval(), info

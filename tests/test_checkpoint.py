@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 
 from conftest import tiny_hybrid, tiny_vit
-from ssl_vit.checkpoint import (CheckpointError, export_safetensors, load_backbone, load_checkpoint, load_weights,
-                                save_checkpoint)
+from ssl_vit.checkpoint import (CheckpointError, backbone_info, export_safetensors, load_backbone, load_checkpoint,
+                                load_weights, save_checkpoint)
 
 
 def _save(path, backbone):
@@ -41,6 +41,8 @@ def test_safetensors_export_loads_in_timm(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     assert torch.allclose(model(x), backbone(x), atol=1e-5)
     assert torch.equal(load_backbone(str(out))[0](x), backbone(x))
+    for spec in (str(out), str(tmp_path / "ckpt.pt"), "timm:vit_tiny_patch16_224"):  # the same facts, nothing built
+        assert backbone_info(spec) == load_backbone(spec)[1]
 
 
 def test_timm_name_gives_a_random_init_backbone():

@@ -166,7 +166,7 @@ class Backbone(nn.Module):
         return tuple(self.vit.patch_embed.grid_size)
 
     def check_img_size(self, img_size: int) -> None:
-        _check_divisible(self.cfg.model, img_size, self.stem_stride, self.pixel_patch_size // self.stem_stride)
+        _check_divisible(self.cfg.model, img_size, self.stem_stride, self.vit.patch_embed.patch_size[0])
 
     def grid_size(self, images: torch.Tensor) -> tuple[int, int]:
         h, w = images.shape[-2:]

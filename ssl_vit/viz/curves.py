@@ -53,6 +53,7 @@ def ln_k(run: str) -> Optional[float]:
 def plot_curves(runs: Sequence[str], out: str, keys: Optional[Sequence[str]] = None) -> str:
     """Write the PNG of ``keys`` against step for every run; returns ``out``."""
     metrics = {run: read_metrics(run) for run in runs}
+    ln_ks = {run: value for run in runs if (value := ln_k(run)) is not None}  # DINO runs only
     first = metrics[runs[0]][0]
     keys = list(keys or [k for k, v in first.items() if k not in NOT_CURVES and isinstance(v, (int, float))])
     unknown = [k for k in keys if not any(k in r for records in metrics.values() for r in records)]
@@ -66,9 +67,9 @@ def plot_curves(runs: Sequence[str], out: str, keys: Optional[Sequence[str]] = N
             points = [(r["step"], r[key]) for r in records if key in r]
             if points:
                 ax.plot(*zip(*points), label=os.path.basename(os.path.normpath(run)))
-            if key in AGAINST_LN_K and (value := ln_k(run)) is not None:
-                ax.axhline(value, color="grey", linestyle="--", linewidth=0.8)
-        ax.set_title(key + (" (dashed: ln K)" if key in AGAINST_LN_K and any(ln_k(r) for r in runs) else ""))
+            if key in AGAINST_LN_K and run in ln_ks:
+                ax.axhline(ln_ks[run], color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(key + (" (dashed: ln K)" if key in AGAINST_LN_K and ln_ks else ""))
         ax.set_xlabel("step")
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))

@@ -1,6 +1,9 @@
 """Shared test helpers: tiny backbones and the real data folder (skipped where it is absent)."""
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,29 @@ def tiny_hybrid(**kw):
     cfg = dict(model="r_vit_tiny", img_size=64, depth=2)
     cfg.update(kw)
     return build_backbone(BackboneConfig(**cfg))
+
+
+def launch_processes(num_processes: int, objective: str, argv: list[str], timeout: float = 300
+                     ) -> subprocess.CompletedProcess:
+    """Run a recipe in ``num_processes`` real CPU processes (gloo) and return the finished command.
+
+    ``accelerate launch --cpu --num_processes N`` silently starts one process; ``--multi_gpu`` with
+    ``ACCELERATE_USE_CPU`` starts N. ``distributed_run.py`` exits with an error, inside the run,
+    unless the world size is ``num_processes``, and prints ``rank R of N`` from each process.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(Path(__file__).parent / "distributed_run.py"), str(num_processes), objective, *argv]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    ranks = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert ranks == [f"rank {r} of {num_processes}" for r in range(num_processes)], done.stdout[-2000:]
+    return done
 
 
 @pytest.fixture

@@ -41,6 +41,22 @@ def test_encode_subset_returns_class_token_plus_kept_tokens():
     assert torch.allclose(out, b.encode(tokens2, b.grid_size(x), keep=keep))
 
 
+def test_encode_keeps_each_tokens_own_position():
+    """Keeping every token in a shuffled order gives the full encoding's tokens in that order: each
+    kept token carries its own patch's position embedding, not that of its place in ``keep``."""
+    b = tiny_vit().eval()
+    with torch.no_grad():
+        b.vit.pos_embed.normal_()  # positions that matter (a fresh learned table is near zero)
+    x = torch.randn(2, 3, 16, 16)
+    tokens, grid = b.embed(x), b.grid_size(x)
+    keep = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
+    full = b.encode(tokens, grid)
+    shuffled = b.encode(tokens, grid, keep=keep)
+    expected = torch.gather(b.patch_tokens(full), 1, keep.unsqueeze(-1).expand(-1, -1, 192))
+    torch.testing.assert_close(b.patch_tokens(shuffled), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shuffled[:, 0], full[:, 0], rtol=1e-4, atol=1e-5)  # the class token
+
+
 def test_replaced_embedding_changes_output():
     b = tiny_vit().eval()
     x = torch.randn(1, 3, 16, 16)

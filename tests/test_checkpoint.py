@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from safetensors import safe_open
+from timm.layers import resample_abs_pos_embed
 
 from conftest import tiny_hybrid, tiny_vit
 from ssl_vit.checkpoint import (CheckpointError, backbone_info, export_safetensors, load_backbone, load_checkpoint,
@@ -41,8 +42,13 @@ def test_safetensors_export_loads_in_timm(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     assert torch.allclose(model(x), backbone(x), atol=1e-5)
     assert torch.equal(load_backbone(str(out))[0](x), backbone(x))
-    for spec in (str(out), str(tmp_path / "ckpt.pt"), "timm:vit_tiny_patch16_224"):  # the same facts, nothing built
-        assert backbone_info(spec) == load_backbone(spec)[1]
+    for spec in (str(out), str(tmp_path / "ckpt.pt")):  # the facts the checkpoint was saved with, nothing built
+        info = backbone_info(spec)
+        assert info["arch"] == dataclasses.asdict(backbone.cfg)
+        assert (info["objective"], info["step"], info["data"]) == ("supervised", 7, {"name": "default"})
+    timm_info = backbone_info("timm:vit_tiny_patch16_224")
+    assert (timm_info["arch"]["model"], timm_info["objective"], timm_info["step"]) == \
+        ("vit_tiny_patch16_224", "random-init", 0)
 
 
 def test_timm_name_gives_a_random_init_backbone():
@@ -51,16 +57,16 @@ def test_timm_name_gives_a_random_init_backbone():
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="nope.pt does not exist"):
         load_checkpoint(str(tmp_path / "nope.pt"))
 
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable ssl_vit checkpoint"):
+    with pytest.raises(CheckpointError, match="notes.txt is not a readable ssl_vit checkpoint"):
         load_checkpoint(str(tmp_path / "notes.txt"))
     torch.save({"model": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not an ssl_vit checkpoint"):
+    with pytest.raises(CheckpointError, match="other.pt is a PyTorch file but not an ssl_vit checkpoint"):
         load_checkpoint(str(tmp_path / "other.pt"))
 
 
@@ -80,7 +86,14 @@ def test_weights_of_another_architecture(tmp_path):
 
 def test_higher_resolution_resamples_position_embeddings(tmp_path):
     low = tiny_vit().eval()
+    with torch.no_grad():
+        low.vit.pos_embed.normal_()  # a table with content to resample
     high = tiny_vit(img_size=32)
     load_weights(high, low.vit.state_dict())
-    assert high.vit.pos_embed.shape == (1, 1 + 64, 192)
-    assert torch.equal(high.vit.pos_embed[:, 0], low.vit.pos_embed[:, 0])  # class token kept apart
+    # timm's 2-D resampling of the 4x4 grid to 8x8 (bicubic), the class token kept apart
+    expected = resample_abs_pos_embed(low.vit.pos_embed, new_size=(8, 8), old_size=(4, 4), num_prefix_tokens=1)
+    assert torch.equal(high.vit.pos_embed, expected)
+    assert torch.equal(high.vit.pos_embed[:, 0], low.vit.pos_embed[:, 0])
+    # every other weight is loaded as it is
+    low_state, high_state = low.vit.state_dict(), high.vit.state_dict()
+    assert all(torch.equal(low_state[k], high_state[k]) for k in low_state if k != "pos_embed")

@@ -110,9 +110,12 @@ def test_streaming_parquet(tmp_path):
     src = load_data(str(tmp_path), streaming=True)
     from ssl_vit.data import StreamingImageDataset
     ds = StreamingImageDataset(src.train, src.image_column, src.label_column, train_transform(16))
-    loader = make_loader(ds, None, 0, False, batch_size=8)
-    batch = next(iter(loader))
-    assert batch["image"].shape == (8, 3, 16, 16)
+    stream = iter(make_loader(ds, None, 0, False, batch_size=8))
+    first, second = next(stream), next(stream)
+    assert first["image"].shape == (8, 3, 16, 16)
     ds.set_start(8)  # resume: skips the first 8 examples of the same stream
     again = next(iter(make_loader(ds, None, 0, False, batch_size=8)))
     assert again["index"].tolist() == list(range(8, 16))
+    # the same rows as the uninterrupted stream's second batch, with the same augmentation
+    assert torch.equal(again["label"], second["label"]) and torch.equal(again["image"], second["image"])
+    assert not torch.equal(again["label"], first["label"])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from conftest import tiny_hybrid, tiny_vit
 
 from eval import features as features_mod
@@ -19,6 +20,7 @@ from eval.common import EvalError, run_cli
 from eval.features import Features
 from eval.fewshot import BIAS_CONSTANT, RidgeClassifier, fewshot
 from eval.knn import bf16_candidates, knn_predict, screened_topk
+from ssl_vit.data import load_data
 from ssl_vit.checkpoint import load_checkpoint, save_checkpoint
 from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
 from ssl_vit.objectives import DataInfo
@@ -181,22 +183,43 @@ def test_timm_and_hybrid_checkpoints(tmp_path, capsys):
 
 
 def test_finetune_at_higher_resolution(tiny_ckpt, tmp_path, capsys):
+    """With lr 0 the run keeps what --init loaded: the source's blocks, its position embeddings
+    resampled by timm from the 4x4 grid to 8x8, and a zero head (so every prediction is class 0)."""
     out = tmp_path / "ft.json"
     _run(finetune_mod, [tiny_ckpt, "--data", "default", "--img-size", "32", "--steps", "2", "--batch-size", "8",
-                        "--num-workers", "0", "--out", str(tmp_path / "runs"), "--json", str(out)], capsys)
+                        "--lr", "0", "--num-workers", "0", "--out", str(tmp_path / "runs"), "--json", str(out)], capsys)
     (record,) = json.loads(out.read_text())
     assert {"checkpoint", "data", "accuracy", "epochs"} <= set(record)
-    assert record["img_size"] == 32 and record["protocol"] == "paper" and 0.0 <= record["accuracy"] <= 1.0
+    assert record["img_size"] == 32 and record["protocol"] == "paper"
     ckpt = load_checkpoint(f"{record['run']}/ckpt.pt")
     assert ckpt["arch"]["img_size"] == 32 and ckpt["train_config"]["optimizer"] == "momentum"
-    assert ckpt["results"]["test_accuracy"] == record["accuracy"]
-    assert ckpt["state_dict"]["pos_embed"].shape == (1, 1 + 8 * 8, 192)  # 4x4 grid resampled to 8x8
+    source = load_checkpoint(tiny_ckpt)["state_dict"]
+    tuned = ckpt["state_dict"]
+    expected_pos = resample_abs_pos_embed(source["pos_embed"], new_size=(8, 8), old_size=(4, 4), num_prefix_tokens=1)
+    torch.testing.assert_close(tuned["pos_embed"], expected_pos, rtol=0, atol=1e-6)
+    for k in source:
+        if k != "pos_embed":
+            assert torch.equal(tuned[k], source[k]), k
+    assert all(not v.any() for v in ckpt["head_state_dict"].values())  # zero-initialised head
+    test_labels = torch.tensor(load_data("default").test["label"])
+    assert record["accuracy"] == pytest.approx((test_labels == 0).float().mean().item())
     backbone = tiny_vit(img_size=32)
-    backbone.vit.load_state_dict(ckpt["state_dict"])
+    backbone.vit.load_state_dict(tuned)
     model = Supervised(backbone, SupervisedConfig(zero_head=True),
                        DataInfo("default", 10, None, (0.5,) * 3, (0.5,) * 3, 32))
     model.head.load_state_dict(ckpt["head_state_dict"])
     assert model.logits(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_linear_probe_learns_separable_features():
+    g = torch.Generator().manual_seed(0)
+    classes, dim = 4, 16
+    centres = torch.randn(classes, dim, generator=g)
+    train_y, test_y = torch.arange(400) % classes, torch.arange(200) % classes
+    feats = _features(centres[train_y] + 0.3 * torch.randn(400, dim, generator=g), train_y,
+                      centres[test_y] + 0.3 * torch.randn(200, dim, generator=g), test_y, classes)
+    for bn in (False, True):
+        assert linear_mod.linear_probe(feats, epochs=10, bn=bn)["accuracy"] > 0.95
 
 
 # ----- bad input -----
@@ -211,10 +234,10 @@ def _error(module, argv, capsys):
 
 def test_bad_inputs(tiny_ckpt, tmp_path, capsys):
     cache = ["--cache-dir", str(tmp_path / "c"), *SMALL]
-    assert "does not exist" in _error(knn_mod, [str(tmp_path / "missing.pt"), *cache], capsys)
+    assert f"{tmp_path / 'missing.pt'} does not exist" in _error(knn_mod, [str(tmp_path / "missing.pt"), *cache], capsys)
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
-    assert "not a readable ssl_vit checkpoint" in _error(fewshot_mod, [str(text), *cache], capsys)
+    assert f"{text} is not a readable ssl_vit checkpoint" in _error(fewshot_mod, [str(text), *cache], capsys)
     err = _error(fewshot_mod, [tiny_ckpt, "--shots", "20", *cache], capsys)  # 60 images of 10 classes
     assert re.search(r"20-shot needs 20 training images per class, but class \d+ has \d+", err)
 

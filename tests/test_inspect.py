@@ -127,11 +127,11 @@ def test_cli_writes_every_figure_with_one_panel_per_checkpoint(tmp_path):
         dist = np.array(ckpt["attention_distance"]["mean_px"])
         assert dist.shape == (2, 3)  # 2 layers x 3 heads
         assert ckpt["pixel_patch_size"] == patch_px and ckpt["grid"] == [4, 4]
-        assert (dist > 0).all() and (dist <= 3 * np.sqrt(2) * patch_px).all()
+        # a random-init network attends almost uniformly: every head near the grid's mean pairwise distance
+        uniform = brute_force_mean_pairwise_distance((4, 4), patch_px)
+        np.testing.assert_allclose(dist, uniform, rtol=0.05)
         assert np.array(ckpt["rollout"]["maps"]).shape == (2, 4, 4)
         assert np.array(ckpt["position_similarity"]["matrix"]).shape == (16, 16)
-    # hybrids: distances in input pixels (stride 16), so roughly 4x the plain ViT's at 4 px
-    assert np.mean(hybrid["attention_distance"]["mean_px"]) > 2 * np.mean(vit["attention_distance"]["mean_px"])
 
 
 def test_cli_rejects_a_zero_image_count(tmp_path):

@@ -180,16 +180,21 @@ def test_too_few_tokens_is_a_clear_error():
         objective(tiny_hybrid(img_size=16))
 
 
-@pytest.mark.parametrize("bad", [dict(target="pixels"), dict(corruption_rate=1.0),
-                                 dict(mask_fraction=0.9, random_fraction=0.1, unchanged_fraction=0.1)])
-def test_bad_settings_are_clear_errors(bad):
-    with pytest.raises(ValueError, match="--"):
+@pytest.mark.parametrize("bad, message", [
+    (dict(target="pixels"), r"--target 'pixels': use one of color3bit, color3bit_4x4, pixels_l2"),
+    (dict(corruption_rate=1.0), r"--corruption-rate 1.0 must lie strictly between 0 and 1"),
+    (dict(mask_fraction=0.9, random_fraction=0.1, unchanged_fraction=0.1),
+     r"--mask-fraction 0.9, --random-fraction 0.1 and --unchanged-fraction 0.1 must be non-negative and add up to 1"),
+])
+def test_bad_settings_are_clear_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
         objective(tiny_vit(), **bad)
 
 
 # ----- recipe, checkpoint and picture -----
 def test_recipe_writes_a_checkpoint_the_picture_reads(tmp_path):
-    from ssl_vit.checkpoint import load_backbone
+    from ssl_vit.checkpoint import load_backbone, load_checkpoint
+    from ssl_vit.objectives.masked_patch import STATE_KEY
     from ssl_vit.train import run_recipe
     from ssl_vit.viz.masked_patch import load_objective, main
 
@@ -198,6 +203,10 @@ def test_recipe_writes_a_checkpoint_the_picture_reads(tmp_path):
         "--depth", "1", "--steps", "2", "--batch-size", "8", "--num-workers", "0", "--out", str(tmp_path / "run")])
     trained = load_objective(ckpt)
     assert trained.mask_token is not None and trained.head.out_features == NUM_COLORS
+    saved = load_checkpoint(ckpt)[STATE_KEY]  # the trained head and [mask] embedding, not fresh ones
+    assert torch.equal(trained.head.weight, saved["head.weight"]) and torch.equal(trained.mask_token, saved["mask_token"])
+    fresh = objective(trained.backbone)
+    assert not torch.equal(fresh.head.weight, saved["head.weight"])
     backbone, info = load_backbone(ckpt)
     assert info["objective"] == "masked_patch" and backbone.cfg.global_pool == "avg"
     main([ckpt, "--out", str(tmp_path / "mpp.png"), "--num-images", "2"])

@@ -1,4 +1,4 @@
-"""python -m eval.inspect: attention distance, rollout, position similarity, filters, the figures."""
+"""python -m eval.inspection: attention distance, rollout, position similarity, filters, the figures."""
 
 import itertools
 import json
@@ -16,7 +16,7 @@ from eval.attention import (
     rollout_map,
 )
 from eval.embeddings import first_layer_filters, position_similarity, similarity_by_distance
-from eval.inspect import main
+from eval.inspection import main
 from ssl_vit.checkpoint import save_checkpoint
 from tests.conftest import tiny_hybrid, tiny_vit
 

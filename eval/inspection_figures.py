@@ -1,4 +1,4 @@
-"""The four figures of ``python -m eval.inspect``, one panel (or column) per checkpoint.
+"""The four figures of ``python -m eval.inspection``, one panel (or column) per checkpoint.
 
 Each function takes the per-checkpoint ``Inspection`` results and returns a matplotlib Figure;
 ``panel_count`` counts its panels (colour bars excluded).

@@ -1,6 +1,6 @@
 """Inspecting Vision Transformers (ViT paper section 4.5) for any checkpoints, side by side.
 
-    python -m eval.inspect runs/sup/ckpt.pt runs/mae/ckpt.pt --data ../shared/data/cifar10 --out runs/inspect
+    python -m eval.inspection runs/sup/ckpt.pt runs/mae/ckpt.pt --data ../shared/data/cifar10 --out runs/inspect
 
 writes to ``--out``:
 
@@ -41,7 +41,7 @@ from .attention import (
     rollout_map,
 )
 from .embeddings import Filters, first_layer_filters, position_similarity, similarity_by_distance
-from .inspect_figures import FIGURES, panel_count
+from .inspection_figures import FIGURES, panel_count
 
 NUM_IMAGES = 128  # the paper's attention-distance sample
 NUM_ROLLOUT_IMAGES = 4

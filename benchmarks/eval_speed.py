@@ -24,7 +24,8 @@ from threadpoolctl import threadpool_limits
 
 from eval.features import Features
 from eval.fewshot import fewshot
-from eval.knn import DEFAULT_KS, SCREEN_MAX_K, TEMPERATURE, bf16_is_faster, knn_predict
+from eval.knn import DEFAULT_KS, TEMPERATURE, knn_predict
+from eval.knn_search import SCREEN_MAX_K, bf16_is_faster
 
 
 def synthetic(n_train: int, n_test: int, dim: int, classes: int, seed: int = 0) -> Features:

@@ -19,7 +19,8 @@ from eval import linear as linear_mod
 from eval.common import EvalError, run_cli
 from eval.features import Features
 from eval.fewshot import BIAS_CONSTANT, RidgeClassifier, fewshot
-from eval.knn import bf16_candidates, knn_predict, screened_topk
+from eval.knn import knn_predict
+from eval.knn_search import bf16_candidates, screened_topk
 from ssl_vit.data import load_data
 from ssl_vit.checkpoint import load_checkpoint, save_checkpoint
 from ssl_vit.objectives.supervised import Supervised, SupervisedConfig

@@ -24,7 +24,8 @@ model; CUDA: ``max_memory_allocated``). FLOPs per image come from
 ``torch.utils.flop_counter.FlopCounterMode`` over one step (forward + backward); MFU divides the
 achieved FLOP/s by the device's dense bf16 peak (GPU only).
 
-Results go to ``benchmarks/results/<device>-<date>.json`` and the table in ``benchmarks/README.md``.
+Results go to ``benchmarks/results/<device>-<date>.json``; ``--update-readme`` rebuilds the table in
+``benchmarks/README.md`` from every saved result.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def build_trainee(spec: Spec) -> Trainee:
         return Trainee(spec, objective, lambda m, b: m(b)[0], batch, optimizer, run.train.clip_grad,
                        start_step=lambda i: objective.start_step(i, optimizer),
                        before_optimizer_step=objective.before_optimizer_step, end_step=objective.end_step)
-    builder = dict(REFERENCES[spec.objective])[spec.impl]
+    builder = dict(REFERENCES.get(spec.objective, []))[spec.impl]
     with torch.device("meta"):  # our backbone's geometry, without allocating its weights
         geometry = Geometry.of(build_backbone(run.backbone))
     ref = builder(run, geometry, NUM_CLASSES)
@@ -361,7 +362,7 @@ def run_group(objective: str, model: str, args, device: torch.device) -> list[di
     if args.compile in ("on", "both"):
         specs.append(Spec(impl=OURS, compile=True, channels_last=args.channels_last, **common))
     if args.references and not PRESETS[MODELS[model]["model"]].hybrid:  # theirs have no CNN stem
-        specs += [Spec(impl=name, compile=args.compile == "on", **common) for name, _ in REFERENCES[objective]]
+        specs += [Spec(impl=name, compile=args.compile == "on", **common) for name, _ in REFERENCES.get(objective, [])]
 
     rows = {s.label: {"objective": objective, "model": model, "impl": s.label, "batch_size": batch,
                       "depth": args.depth, "precision": args.precision} for s in specs}
@@ -454,13 +455,12 @@ def versions() -> dict:
 
 
 def save(record: dict, slug: str) -> Path:
-    """Append this run to ``results/<device>-<date>.json`` and rebuild the README table."""
+    """Append this run to ``results/<device>-<date>.json``."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{slug}-{record['date'][:10]}.json"
     doc = json.loads(path.read_text()) if path.exists() else {"device": slug, "runs": []}
     doc["runs"].append(record)
     path.write_text(json.dumps(doc, indent=1) + "\n")
-    update_readme()
     return path
 
 
@@ -515,7 +515,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-batches", type=int, default=30)
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, when not in the table")
     p.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
-                   help="write benchmarks/results/<device>-<date>.json and the README table")
+                   help="write benchmarks/results/<device>-<date>.json")
+    p.add_argument("--update-readme", action="store_true",
+                   help="rebuild the table in benchmarks/README.md from every saved result")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of crashes")
     args = p.parse_args(argv)
     if args.quick:
@@ -588,10 +590,13 @@ def main(argv=None) -> dict:
     command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command.strip(),
               "device_name": name, "threads": torch.get_num_threads(), "versions": versions(),
-              "settings": {k: v for k, v in vars(args).items() if k not in ("save", "verbose")},
+              "settings": {k: v for k, v in vars(args).items() if k not in ("save", "update_readme", "verbose")},
               "rows": rows, "data_pipeline": pipeline, "seconds": time.perf_counter() - started}
     if args.save:
-        print(f"\nsaved {save(record, device_slug(device))} and {README}")
+        print(f"\nsaved {save(record, device_slug(device))}")
+    if args.update_readme:
+        update_readme()
+        print(f"rebuilt the table in {README}")
     print(f"finished in {record['seconds'] / 60:.1f} minutes")
     ratio = min_ratio(rows)
     print(f"min ratio ours/theirs: {'n/a' if ratio is None else f'{ratio:.2f}'}")

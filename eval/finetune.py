@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +30,7 @@ import torch
 from ssl_vit.backbone import BackboneConfig
 from ssl_vit.checkpoint import backbone_info, load_checkpoint
 from ssl_vit.config import RunConfig, TrainConfig
+from ssl_vit.names import folder_safe, short_name
 from ssl_vit.objectives.supervised import SupervisedConfig
 from ssl_vit.train import Trainer
 
@@ -62,16 +62,6 @@ CPU_STEPS, CPU_BATCH = 200, 64  # minutes on a laptop CPU
 CROP_SCALE = (0.35, 1.0)  # random resized crop; small images have little to spare (ImageNet: 0.08)
 
 
-def run_tag(text: str) -> str:
-    """A folder-name fragment for a checkpoint or data spec (``runs/x/ckpt.pt`` -> ``x``)."""
-    if text.startswith("timm:"):
-        text = text[len("timm:"):]
-    elif os.path.basename(text) == "ckpt.pt":
-        text = os.path.dirname(os.path.abspath(text))
-    name = re.sub(r"\.(pt|safetensors|parquet)$", "", os.path.basename(os.path.normpath(text)))
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-
-
 def build_run(spec: str, data: str, args, protocol: Protocol) -> RunConfig:
     """The RunConfig of one fine-tuning run: the supervised objective with a zero-initialised head,
     the backbone initialised from ``spec`` at ``--img-size``."""
@@ -87,7 +77,7 @@ def build_run(spec: str, data: str, args, protocol: Protocol) -> RunConfig:
         optimizer=protocol.optimizer, layer_decay=protocol.layer_decay, lr=protocol.lr,
         lr_ref_batch=protocol.lr_ref_batch, warmup_steps=args.warmup_steps, weight_decay=protocol.weight_decay,
         clip_grad=protocol.clip_grad, precision="bf16" if cuda else "no", seed=args.seed,
-        out=os.path.join(args.out, f"finetune-{args.protocol}-{run_tag(spec)}-{run_tag(data)}"),
+        out=os.path.join(args.out, "-".join(["finetune", args.protocol, *map(folder_safe, map(short_name, (spec, data)))])),
     )
     objective = SupervisedConfig(label_smoothing=protocol.label_smoothing, mixup=protocol.mixup,
                                  cutmix=protocol.cutmix, zero_head=True)

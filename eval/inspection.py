@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.checkpoint import load_backbone
+from ssl_vit.names import short_name
 from ssl_vit.data import DataSource, ImageDataset, denormalize, eval_transform, load_data
 
 from .attention import (
@@ -72,16 +73,6 @@ class Inspection:
     max_distance: float  # largest distance between two patch centres
     rollout_images: torch.Tensor  # [K, C, H, W] in 0..1
     rollout_maps: torch.Tensor  # [K, h, w]
-
-
-def checkpoint_name(spec: str) -> str:
-    """A short label: the run folder of a ckpt.pt, the model of timm:NAME, the file's stem."""
-    if spec.startswith("timm:"):
-        return spec[len("timm:"):]
-    path = os.path.normpath(spec)
-    if os.path.basename(path) == "ckpt.pt":
-        return os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return os.path.splitext(os.path.basename(path))[0]
 
 
 def resolve_spec(spec: str) -> str:
@@ -133,7 +124,7 @@ def inspect_checkpoint(spec: str, source: DataSource, num_images: int, num_rollo
                        batch_size: int, device: torch.device, name: Optional[str] = None) -> Inspection:
     backbone, info = load_backbone(resolve_spec(spec))
     backbone.to(device)
-    name = name or checkpoint_name(spec)
+    name = name or short_name(spec)
     loader = image_loader(source, backbone.cfg.img_size, num_images, batch_size)
     distance, prefix, maps, shown, grid, seen = attention_pass(backbone, loader, num_rollout, device, name)
     pair_distances = patch_distances(grid, backbone.pixel_patch_size)
@@ -190,7 +181,7 @@ def write_outputs(results: Sequence[Inspection], out: str, data: str) -> dict:
 def unique_names(specs: Sequence[str]) -> list[str]:
     names, seen = [], {}
     for spec in specs:
-        name = checkpoint_name(spec)
+        name = short_name(spec)
         seen[name] = seen.get(name, 0) + 1
         names.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
     return names

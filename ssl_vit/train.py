@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from .backbone import build_backbone
 from .checkpoint import atomic_write, load_backbone, load_weights, save_checkpoint
 from .config import RunConfig
+from .names import folder_safe, short_name
 from .data import (MEAN, STD, DataError, EpochSampler, ImageDataset, StreamingImageDataset, eval_transform,
                    load_data, make_loader)
 from .objectives import DataInfo, Objective, StepInfo, get_objective
@@ -46,8 +46,7 @@ class NonFiniteError(RuntimeError):
 
 
 def default_out(run: RunConfig) -> str:
-    data = re.sub(r"[^A-Za-z0-9]+", "_", os.path.basename(os.path.normpath(run.train.data))).strip("_")
-    return os.path.join("runs", f"{run.objective}-{data}-{run.backbone.model}")
+    return os.path.join("runs", f"{run.objective}-{folder_safe(short_name(run.train.data))}-{run.backbone.model}")
 
 
 def _check_settings(run: RunConfig) -> None:

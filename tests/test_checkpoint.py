@@ -97,3 +97,12 @@ def test_higher_resolution_resamples_position_embeddings(tmp_path):
     # every other weight is loaded as it is
     low_state, high_state = low.vit.state_dict(), high.vit.state_dict()
     assert all(torch.equal(low_state[k], high_state[k]) for k in low_state if k != "pos_embed")
+
+
+def test_short_names_of_checkpoints_and_data():
+    from ssl_vit.names import folder_safe, short_name
+
+    assert short_name("runs/mae-x/ckpt.pt") == "mae-x" and short_name("timm:vit_tiny_patch16_224") == "vit_tiny_patch16_224"
+    assert short_name("out/backbone.safetensors") == "backbone" and short_name("../shared/data/cifar10/") == "cifar10"
+    assert short_name("data/digits.parquet") == "digits" and short_name("user/some-set") == "some-set"
+    assert folder_safe("some-set v2") == "some_set_v2"

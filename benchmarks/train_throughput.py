@@ -58,6 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ssl_vit.backbone import PRESETS, build_backbone
 from ssl_vit.config import RunConfig, parse_run_config
+from ssl_vit.errors import ConfigError
 from ssl_vit.data import MEAN, STD, DataSource, EpochSampler, ImageDataset, load_data, make_loader
 from ssl_vit.objectives import OBJECTIVES, DataInfo, StepInfo, get_objective
 
@@ -158,7 +159,7 @@ def run_config(spec: Spec) -> RunConfig:
         defaults["depth"] = spec.depth
     try:
         return parse_run_config(spec.objective, get_objective(spec.objective).Config, defaults, argv=[])
-    except SystemExit as err:  # argparse's way of refusing settings
+    except (SystemExit, ConfigError) as err:  # argparse's and the configs' ways of refusing settings
         raise ValueError(f"recipes/{spec.objective}.py's settings do not parse: {err}") from None
 
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from ssl_vit.backbone import Backbone
 
+from .common import EvalError
+
 # The class token is left out of the attention distance: queries are patch tokens, keys are patch
 # tokens with each row renormalised to sum to 1 (the class token has no position on the image).
 # The weight each patch query puts on prefix tokens is reported separately.
@@ -27,7 +29,7 @@ CLASS_TOKEN_HANDLING = (
 )
 
 
-class AttentionError(ValueError):
+class AttentionError(EvalError):
     """A backbone whose attention cannot be read; the message says which module and why."""
 
 

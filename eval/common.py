@@ -13,24 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from ssl_vit.backbone import BackboneError
-from ssl_vit.checkpoint import CheckpointError, atomic_write
-from ssl_vit.data import DataError
+from ssl_vit.checkpoint import atomic_write
+from ssl_vit.errors import UserError, run_cli  # noqa: F401  (run_cli: every command's entry point)
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "ssl_vit", "features")
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """An evaluation that cannot run as asked; the message names the bad value and what would work."""
-
-
-# Errors caused by what the user passed: printed as one line, exit status 2, no traceback.
-USER_ERRORS = (EvalError, CheckpointError, DataError, BackboneError)
 
 
 def positive_int(text: str) -> int:
@@ -106,12 +100,3 @@ def write_json(path: Optional[str], records: list[dict]) -> None:
     if path:
         atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(records, indent=2) + "\n"))
         print(f"wrote {len(records)} records to {path}")
-
-
-def run_cli(main: Callable[[Optional[list[str]]], object], argv: Optional[list[str]] = None) -> None:
-    """Run a command's ``main``; a user error becomes one line on stderr and exit status 2."""
-    try:
-        main(argv)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)

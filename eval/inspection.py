@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.checkpoint import load_backbone
-from ssl_vit.names import short_name
 from ssl_vit.data import DataSource, ImageDataset, denormalize, eval_transform, load_data
+from ssl_vit.names import short_name
 
 from .attention import (
     CLASS_TOKEN_HANDLING,
@@ -41,6 +41,7 @@ from .attention import (
     record_attention,
     rollout_map,
 )
+from .common import EvalError, run_cli
 from .embeddings import Filters, first_layer_filters, position_similarity, similarity_by_distance
 from .inspection_figures import FIGURES, panel_count
 
@@ -48,7 +49,7 @@ NUM_IMAGES = 128  # the paper's attention-distance sample
 NUM_ROLLOUT_IMAGES = 4
 
 
-class InspectError(ValueError):
+class InspectError(EvalError):
     """An argument that cannot work; the message says what would."""
 
 
@@ -218,4 +219,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

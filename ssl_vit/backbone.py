@@ -27,6 +27,8 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -50,7 +52,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-class BackboneError(ValueError):
+class BackboneError(ConfigError):
     """A backbone setting that cannot work; the message says what would."""
 
 
@@ -67,12 +69,16 @@ class BackboneConfig:
     drop_path_rate: float = 0.0
     in_chans: int = 3
 
+    def __post_init__(self):
+        if self.global_pool not in ("token", "avg"):
+            raise BackboneError(f"--global-pool {self.global_pool!r}: use 'token' or 'avg'")
+        if self.pos_embed not in ("learned", "sincos"):
+            raise BackboneError(f"--pos-embed {self.pos_embed!r}: use 'learned' or 'sincos'")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise BackboneError(f"--drop-path-rate {self.drop_path_rate}: use a value in [0, 1)")
+
 
 def _timm_kwargs(cfg: BackboneConfig) -> tuple[str, dict]:
-    if cfg.global_pool not in ("token", "avg"):
-        raise BackboneError(f"global_pool={cfg.global_pool!r}: use 'token' or 'avg'")
-    if cfg.pos_embed not in ("learned", "sincos"):
-        raise BackboneError(f"pos_embed={cfg.pos_embed!r}: use 'learned' or 'sincos'")
     kwargs = dict(
         img_size=cfg.img_size,
         num_classes=0,

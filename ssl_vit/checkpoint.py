@@ -17,12 +17,13 @@ from typing import Any, Optional
 import torch
 
 from .backbone import Backbone, BackboneConfig
+from .errors import UserError
 
 FORMAT = "ssl_vit"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file that is not a usable ssl_vit checkpoint; the message says why."""
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import tomllib
 import types
 import typing
@@ -18,6 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .backbone import PRESETS, BackboneConfig
+from .errors import ConfigError
+
+CHOICES = {"precision": ("no", "bf16", "fp16"), "lr_scaling": ("linear", "sqrt"), "on_nonfinite": ("stop", "skip")}
+AT_LEAST = {"steps": 0, "batch_size": 1, "grad_accum": 1, "log_every": 1, "save_every": 0, "eval_every": 0,
+            "num_workers": 0}  # 0 for save_every / eval_every: at the end only
 
 
 @dataclass
@@ -57,6 +61,17 @@ class TrainConfig:
     eval_every: int = 0  # test metric every N steps (0: at the end only)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
     compile: bool = False  # torch.compile the objective
+
+    def __post_init__(self):
+        for name, valid in CHOICES.items():
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"{_flag(name)} {getattr(self, name)!r}: use one of {', '.join(valid)}")
+        for name, low in AT_LEAST.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"{_flag(name)} {getattr(self, name)}: must be >= {low}"
+                                  + (" (0: at the end only)" if low == 0 and name.endswith("_every") else ""))
+        if self.stop_at is not None and self.stop_at < 0:
+            raise ConfigError(f"--stop-at {self.stop_at}: must be >= 0")
 
 
 @dataclass
@@ -114,13 +129,15 @@ def parse_run_config(objective: str, objective_config_cls, defaults: Optional[di
                      argv: Optional[list[str]] = None, description: str = "") -> RunConfig:
     """Build the parser from the three dataclasses, apply the recipe's defaults, parse argv."""
     defaults = dict(defaults or {})
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
+    pre.add_argument("--patch-size")  # named by the user (as --patch-size N or --patch-size=N)?
     known, _ = pre.parse_known_args(argv)
     file_settings = _read_config_file(known.config) if known.config else {}
     defaults.update(file_settings)
 
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     allow_abbrev=False)  # --step is not --steps
     parser.add_argument("--config", help="JSON or TOML file of settings (flags override it)")
     groups = [(TrainConfig, "training"), (BackboneConfig, "backbone"), (objective_config_cls, objective)]
     names = [f.name for cls, _ in groups for f in dataclasses.fields(cls)]
@@ -128,7 +145,8 @@ def parse_run_config(objective: str, objective_config_cls, defaults: Optional[di
     assert not dup, f"config fields defined twice: {dup}"
     unknown = set(defaults) - set(names)
     if unknown:
-        raise SystemExit(f"unknown settings {sorted(unknown)} (from the recipe or --config)")
+        raise ConfigError(f"unknown settings {sorted(unknown)} (from the recipe or --config); "
+                          f"valid: {', '.join(sorted(names))}")
     for cls, title in groups:
         _add_fields(parser, cls, defaults, title)
     args = vars(parser.parse_args(argv))
@@ -143,8 +161,8 @@ def parse_run_config(objective: str, objective_config_cls, defaults: Optional[di
     run = RunConfig(objective, build(TrainConfig), build(BackboneConfig), build(objective_config_cls))
     # A recipe's small-image patch size is meant for plain ViTs; a hybrid preset keeps its own patch
     # on the CNN feature map unless the user names one (e.g. r50_vit_base: 1, total stride 16).
-    named = "--patch-size" in (argv if argv is not None else sys.argv[1:]) or "patch_size" in file_settings
+    named_patch = known.patch_size is not None or "patch_size" in file_settings
     preset = PRESETS.get(run.backbone.model)
-    if preset is not None and preset.hybrid and not named:
+    if preset is not None and preset.hybrid and not named_patch:
         run.backbone.patch_size = None
     return run

@@ -3,6 +3,7 @@
 import argparse
 
 from .checkpoint import export_safetensors
+from .errors import run_cli
 
 
 def main(argv=None) -> None:
@@ -16,4 +17,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

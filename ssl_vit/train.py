@@ -31,7 +31,7 @@ from .config import RunConfig
 from .names import folder_safe, short_name
 from .data import (MEAN, STD, DataError, EpochSampler, ImageDataset, StreamingImageDataset, eval_transform,
                    load_data, make_loader)
-from .objectives import DataInfo, Objective, StepInfo, get_objective
+from .objectives import DataInfo, StepInfo, get_objective
 
 MAX_WARMUP_STEPS = 10_000  # the ViT paper's warmup
 STREAM_EPOCH_STEPS = 1_000  # "epoch" length of a stream whose size is unknown (epoch-based schedules)
@@ -47,20 +47,6 @@ class NonFiniteError(RuntimeError):
 
 def default_out(run: RunConfig) -> str:
     return os.path.join("runs", f"{run.objective}-{folder_safe(short_name(run.train.data))}-{run.backbone.model}")
-
-
-def _check_settings(run: RunConfig) -> None:
-    tc = run.train
-    if tc.precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"--precision {tc.precision!r}: use no, bf16 or fp16")
-    if tc.lr_scaling not in ("linear", "sqrt"):
-        raise ValueError(f"--lr-scaling {tc.lr_scaling!r}: use linear or sqrt")
-    if tc.on_nonfinite not in ("stop", "skip"):
-        raise ValueError(f"--on-nonfinite {tc.on_nonfinite!r}: use stop or skip")
-    if tc.steps < 0 or tc.batch_size < 1 or tc.grad_accum < 1:
-        raise ValueError("--steps must be >= 0, --batch-size and --grad-accum >= 1")
-    if tc.log_every < 1 or tc.save_every < 0 or tc.eval_every < 0:
-        raise ValueError("--log-every must be >= 1; --save-every and --eval-every >= 0 (0: at the end only)")
 
 
 def _flat(d: dict) -> dict:
@@ -144,7 +130,6 @@ class Trainer:
     """Builds everything from a ``RunConfig`` and runs it; ``run()`` returns the ckpt.pt path."""
 
     def __init__(self, run: RunConfig):
-        _check_settings(run)
         self.run_cfg, tc = run, run.train
         self.out = tc.out or default_out(run)
         self.acc = Accelerator(mixed_precision=tc.precision, log_with="tensorboard", project_dir=self.out)
@@ -194,8 +179,7 @@ class Trainer:
             self.steps_per_epoch = self.sampler.batches_per_epoch // tc.grad_accum
         self.train_ds = train_ds
         self.test_loader = None
-        if (source.test is not None and source.has_labels
-                and objective_cls.evaluate_batch is not Objective.evaluate_batch):
+        if source.test is not None and source.has_labels and objective_cls.has_test_metric:
             args = (source.image_column, source.label_column, eval_transform(run.backbone.img_size), tc.seed,
                     tc.skip_bad_images, "test")
             if isinstance(source.test, IterableDataset):
@@ -266,15 +250,10 @@ class Trainer:
                 continue
             with self.acc.autocast():
                 part = objective.evaluate_batch(_to_device(batch, self.acc.device))
-            if part is None:
-                return None
             for k, v in part.items():
                 sums[k] = sums.get(k, 0) + v
         objective.train()
-        sums = {k: self.acc.reduce(v, reduction="sum") for k, v in sums.items()}
-        if "correct" in sums and "count" in sums:
-            return {"test_accuracy": (sums["correct"].float() / sums["count"].clamp(min=1)).item()}
-        return {k: v.item() for k, v in sums.items()}
+        return objective.test_metrics({k: self.acc.reduce(v, reduction="sum") for k, v in sums.items()})
 
     def _write_checkpoint(self, step: int, results: Optional[dict]) -> str:
         path = os.path.join(self.out, CKPT_FILE)

@@ -19,6 +19,7 @@ from ssl_vit.checkpoint import load_backbone, load_checkpoint
 from ssl_vit.data import MEAN, STD, EpochSampler, ImageDataset, load_data, make_loader, train_transform
 from ssl_vit.objectives import DataInfo
 from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
+from ssl_vit.errors import UserError
 from ssl_vit.train import NonFiniteError, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +263,7 @@ def test_curves_png_from_metrics_and_clear_error_for_unknown_metric(tmp_path):
         json.dumps({"step": s, "epoch": 0, "loss": 4.0 - s / 10, "teacher_entropy": 3.9}) + "\n" for s in (10, 20, 30)))
     out = plot_curves([str(run)], str(tmp_path / "curves.png"))
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit, match="no run logged \\['accuracy'\\]"):
+    with pytest.raises(UserError, match="no run logged \\['accuracy'\\]"):
         plot_curves([str(run)], str(tmp_path / "x.png"), keys=["accuracy"])
-    with pytest.raises(SystemExit, match=f"{tmp_path / 'missing'}.* does not exist: pass a run folder"):
+    with pytest.raises(UserError, match=f"{tmp_path / 'missing'}.* does not exist: pass a run folder"):
         plot_curves([str(tmp_path / "missing")], str(tmp_path / "x.png"))

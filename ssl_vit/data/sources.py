@@ -19,6 +19,8 @@ from typing import Optional, Union
 import datasets
 from datasets import ClassLabel, Dataset, IterableDataset
 
+from ..errors import UserError
+
 HFData = Union[Dataset, IterableDataset]
 
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture")
@@ -31,7 +33,7 @@ LOCAL_FORMS = (
 HELD_OUT_FRACTION = 0.1  # test split carved from a source that has none
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data set that cannot be used as given; the message says what would work."""
 
 

@@ -43,6 +43,7 @@ class Objective(nn.Module):
 
     Config: type = object  # a dataclass with the objective's own settings (flags of the recipe)
     needs_labels: bool = False
+    has_test_metric: bool = False  # evaluate_batch and test_metrics are implemented (a test split is read)
 
     def __init__(self, backbone: Backbone, cfg: Any, data: DataInfo):
         super().__init__()
@@ -68,9 +69,13 @@ class Objective(nn.Module):
     def end_step(self, info: StepInfo) -> None:
         """After the optimizer step (EMA teachers, centres); once per step, whatever the accumulation."""
 
-    def evaluate_batch(self, batch: dict) -> Optional[dict[str, torch.Tensor]]:
-        """Sums over a test batch (e.g. correct and count) or None if the objective has no test metric."""
-        return None
+    def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Sums over a test batch (e.g. correct and count); only called when ``has_test_metric``."""
+        raise NotImplementedError
+
+    def test_metrics(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The named test metrics from ``evaluate_batch``'s sums over the whole test split (all processes)."""
+        return {k: v.item() for k, v in sums.items()}
 
     def summary(self) -> list[str]:
         """Lines printed at the end of training (e.g. a collapse report)."""

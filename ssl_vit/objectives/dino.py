@@ -35,6 +35,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from ..backbone import Backbone
 from ..data import MultiCrop
+from ..errors import ConfigError
 from .base import DataInfo, Objective, StepInfo
 
 NUM_GLOBAL_CROPS = 2  # the teacher's views
@@ -62,6 +63,16 @@ class DINOConfig:
     local_crop_size: int = 96
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
+
+    def __post_init__(self):
+        if self.out_dim < 2:
+            raise ConfigError(f"--out-dim {self.out_dim}: the head needs at least 2 outputs (the paper: 65536)")
+        for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be positive")
+        for name in ("center_momentum", "momentum_teacher"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must lie in [0, 1]")
 
 
 def cosine_schedule(start: float, end: float, progress: float) -> float:
@@ -125,7 +136,6 @@ class DINO(Objective):
 
     def __init__(self, backbone: Backbone, cfg: DINOConfig, data: DataInfo):
         super().__init__(backbone, cfg, data)
-        _check_config(cfg)
         for size in (cfg.global_crop_size or data.img_size, cfg.local_crop_size):
             backbone.check_img_size(size)
         head_kw = dict(in_dim=backbone.embed_dim, out_dim=cfg.out_dim, hidden_dim=cfg.hidden_dim,
@@ -300,14 +310,3 @@ class DINO(Objective):
     def extra_checkpoint(self) -> dict:
         """The student backbone too (timm keys), for ``python -m ssl_vit.export CKPT OUT --student``."""
         return {"student_state_dict": {k: v.detach().cpu() for k, v in self.backbone.vit.state_dict().items()}}
-
-
-def _check_config(cfg: DINOConfig) -> None:
-    if cfg.out_dim < 2:
-        raise ValueError(f"--out-dim {cfg.out_dim}: the head needs at least 2 outputs (the paper: 65536)")
-    for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be positive")
-    for name in ("center_momentum", "momentum_teacher"):
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must lie in [0, 1]")

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..backbone import Backbone
 from ..checkpoint import CheckpointError, backbone_from_checkpoint
+from ..errors import ConfigError
 from ..masking import Masking, random_masking
 from .base import DataInfo, Objective
 
@@ -46,6 +47,14 @@ class MAEConfig:
     decoder_heads: int = 4
     norm_pix_loss: bool = True  # targets normalised per patch (mean 0, variance 1)
 
+    def __post_init__(self):
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"--mask-ratio {self.mask_ratio}: must lie strictly between 0 and 1 (MAE uses 0.75)")
+        if self.decoder_dim % 4:
+            raise ConfigError(f"--decoder-dim {self.decoder_dim}: sin-cos position embeddings need a multiple of 4")
+        if self.decoder_dim % self.decoder_heads:
+            raise ConfigError(f"--decoder-dim {self.decoder_dim} is not divisible by --decoder-heads {self.decoder_heads}")
+
 
 def patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-patch mean and standard deviation, as MAE's norm_pix_loss computes them.
@@ -62,10 +71,6 @@ class MAEDecoder(nn.Module):
 
     def __init__(self, encoder_dim: int, patch_pixels: int, cfg: MAEConfig):
         super().__init__()
-        if cfg.decoder_dim % 4:
-            raise ValueError(f"--decoder-dim {cfg.decoder_dim}: sin-cos position embeddings need a multiple of 4")
-        if cfg.decoder_dim % cfg.decoder_heads:
-            raise ValueError(f"--decoder-dim {cfg.decoder_dim} is not divisible by --decoder-heads {cfg.decoder_heads}")
         self.dim = cfg.decoder_dim
         self.embed = nn.Linear(encoder_dim, cfg.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
@@ -98,8 +103,6 @@ class MAE(Objective):
 
     def __init__(self, backbone: Backbone, cfg: MAEConfig, data: DataInfo):
         super().__init__(backbone, cfg, data)
-        if not 0.0 < cfg.mask_ratio < 1.0:
-            raise ValueError(f"--mask-ratio {cfg.mask_ratio}: must lie strictly between 0 and 1 (MAE uses 0.75)")
         patch_pixels = backbone.pixel_patch_size ** 2 * backbone.cfg.in_chans
         self.decoder = MAEDecoder(backbone.embed_dim, patch_pixels, cfg)
 

@@ -27,6 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from ..data import denormalize
+from ..errors import ConfigError
 from ..masking import random_masking
 from .base import DataInfo, Objective
 
@@ -49,6 +50,18 @@ class MaskedPatchConfig:
     random_fraction: float = 0.1  # of the corrupted: replaced by a random patch of another image
     unchanged_fraction: float = 0.1  # of the corrupted: left as they are (but still predicted)
     target: str = "color3bit"  # color3bit | color3bit_4x4 | pixels_l2
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ConfigError(f"--target {self.target!r}: use one of {', '.join(TARGETS)}")
+        if not 0.0 < self.corruption_rate < 1.0:
+            raise ConfigError(f"--corruption-rate {self.corruption_rate} must lie strictly between 0 and 1")
+        split = (self.mask_fraction, self.random_fraction, self.unchanged_fraction)
+        if min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
+            raise ConfigError(
+                f"--mask-fraction {split[0]}, --random-fraction {split[1]} and --unchanged-fraction {split[2]} "
+                "must be non-negative and add up to 1 (the paper: 0.8, 0.1, 0.1)"
+            )
 
 
 class Corruption(NamedTuple):
@@ -92,7 +105,6 @@ class MaskedPatchPrediction(Objective):
 
     def __init__(self, backbone, cfg: MaskedPatchConfig, data: DataInfo):
         super().__init__(backbone, cfg, data)
-        _check_config(cfg)
         p = backbone.pixel_patch_size
         side = data.img_size // p
         if side * side < MIN_TOKENS:
@@ -202,16 +214,3 @@ class MaskedPatchPrediction(Objective):
     def extra_checkpoint(self):
         own = {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith("backbone.")}
         return {STATE_KEY: own}
-
-
-def _check_config(cfg: MaskedPatchConfig) -> None:
-    if cfg.target not in TARGETS:
-        raise ValueError(f"--target {cfg.target!r}: use one of {', '.join(TARGETS)}")
-    if not 0.0 < cfg.corruption_rate < 1.0:
-        raise ValueError(f"--corruption-rate {cfg.corruption_rate} must lie strictly between 0 and 1")
-    split = (cfg.mask_fraction, cfg.random_fraction, cfg.unchanged_fraction)
-    if min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
-        raise ValueError(
-            f"--mask-fraction {split[0]}, --random-fraction {split[1]} and --unchanged-fraction {split[2]} "
-            "must be non-negative and add up to 1 (the paper: 0.8, 0.1, 0.1)"
-        )

@@ -10,6 +10,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
+from ..errors import ConfigError
 from .base import DataInfo, Objective
 
 
@@ -21,10 +22,18 @@ class SupervisedConfig:
     head_hidden: int = 0  # >0: the paper's pre-logits layer (Linear + tanh) of this width
     zero_head: bool = False  # zero-initialised last layer (the paper's fine-tuning head)
 
+    def __post_init__(self):
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"--label-smoothing {self.label_smoothing}: use a value in [0, 1)")
+        for name in ("mixup", "cutmix", "head_hidden"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0 (0: off)")
+
 
 class Supervised(Objective):
     Config = SupervisedConfig
     needs_labels = True
+    has_test_metric = True
 
     def __init__(self, backbone, cfg: SupervisedConfig, data: DataInfo):
         super().__init__(backbone, cfg, data)
@@ -65,6 +74,9 @@ class Supervised(Objective):
         logits = self.logits(batch["image"])
         correct = (logits.argmax(-1) == batch["label"]).sum()
         return {"correct": correct, "count": torch.tensor(len(logits), device=logits.device)}
+
+    def test_metrics(self, sums):
+        return {"test_accuracy": (sums["correct"].float() / sums["count"].clamp(min=1)).item()}
 
     def extra_checkpoint(self):
         return {"head_state_dict": {k: v.detach().cpu() for k, v in self.head.state_dict().items()}}

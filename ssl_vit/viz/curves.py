@@ -21,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..errors import UserError, run_cli  # noqa: E402
+
 METRICS_FILE = "metrics.jsonl"  # written by ssl_vit.train
 NOT_CURVES = {"step", "epoch"}
 AGAINST_LN_K = {"loss", "teacher_entropy", "teacher_batch_entropy"}  # DINO panels that get the ln K line
@@ -30,11 +32,11 @@ def read_metrics(run: str) -> list[dict]:
     """The records a run logged, from a run folder or its metrics.jsonl."""
     path = os.path.join(run, METRICS_FILE) if os.path.isdir(run) else run
     if not os.path.exists(path):
-        raise SystemExit(f"{path} does not exist: pass a run folder (--out of a recipe) or its {METRICS_FILE}")
+        raise UserError(f"{path} does not exist: pass a run folder (--out of a recipe) or its {METRICS_FILE}")
     with open(path) as fh:
         records = [json.loads(line) for line in fh if line.strip()]
     if not records:
-        raise SystemExit(f"{path} has no records yet (the first is written after --log-every steps)")
+        raise UserError(f"{path} has no records yet (the first is written after --log-every steps)")
     return records
 
 
@@ -58,7 +60,7 @@ def plot_curves(runs: Sequence[str], out: str, keys: Optional[Sequence[str]] = N
     keys = list(keys or [k for k, v in first.items() if k not in NOT_CURVES and isinstance(v, (int, float))])
     unknown = [k for k in keys if not any(k in r for records in metrics.values() for r in records)]
     if unknown:
-        raise SystemExit(f"no run logged {unknown}; metrics logged: {sorted(set(first) - NOT_CURVES)}")
+        raise UserError(f"no run logged {unknown}; metrics logged: {sorted(set(first) - NOT_CURVES)}")
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
@@ -93,4 +95,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

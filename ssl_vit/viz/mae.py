@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 from ..checkpoint import load_checkpoint  # noqa: E402
 from ..data import denormalize, eval_transform, load_data  # noqa: E402
+from ..errors import run_cli  # noqa: E402
 from ..masking import random_masking  # noqa: E402
 from ..objectives.mae import MAE, patch_stats  # noqa: E402
 
@@ -93,4 +94,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from ..checkpoint import CheckpointError, backbone_from_checkpoint, load_checkpoint  # noqa: E402
 from ..data import ImageDataset, denormalize, eval_transform, load_data  # noqa: E402
+from ..errors import UserError, run_cli  # noqa: E402
 from ..objectives import DataInfo  # noqa: E402
 from ..objectives.masked_patch import (  # noqa: E402
     CELLS, STATE_KEY, UNTOUCHED, MaskedPatchConfig, MaskedPatchPrediction, class_colors, take,
@@ -131,7 +132,7 @@ def main(argv=None) -> None:
     transform = eval_transform(data.img_size, data.mean, data.std)
     ds = ImageDataset(split, source.image_column, None, transform, split="test")
     if args.num_images < 1 or args.num_images > len(ds):
-        raise SystemExit(f"--num-images {args.num_images}: use 1 to {len(ds)}")
+        raise UserError(f"--num-images {args.num_images}: use 1 to {len(ds)}")
     images = torch.stack([ds[i]["image"] for i in range(args.num_images)])
     torch.manual_seed(args.seed)
     cfg = objective.cfg
@@ -141,4 +142,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -2,7 +2,9 @@
 
 A checkpoint holds plain tensors and plain Python values only, so it loads with
 ``torch.load(weights_only=True)``: the backbone's architecture (a ``BackboneConfig`` as a dict),
-its state dict with timm key names, the objective and its config, the step and the data set.
+its state dict with timm key names, the objective and its config, the step and the data set, and
+under ``objective_state`` the objective's own tensors (heads, decoder, [mask] embedding; for DINO
+the student and the centre) with the objective's parameter names, minus the saved backbone.
 Files are written atomically (temporary file, then rename): a crash never leaves half a file.
 """
 
@@ -20,7 +22,12 @@ from .backbone import Backbone, BackboneConfig
 from .errors import UserError
 
 FORMAT = "ssl_vit"
-VERSION = 1
+VERSION = 2  # 2: objective_state replaces the per-objective keys of version 1 (LEGACY_STATE_KEYS)
+OBJECTIVE_STATE = "objective_state"
+# Version-1 keys -> the prefix their tensors have in the objective's own state dict.
+LEGACY_STATE_KEYS = {"head_state_dict": "head.", "mae_state_dict": "decoder.", "masked_patch_state_dict": "",
+                     "student_state_dict": "backbone.vit."}
+STUDENT_PREFIX = "backbone.vit."  # a DINO student's timm weights inside objective_state
 
 
 class CheckpointError(UserError):
@@ -46,7 +53,8 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: str, backbone: Backbone, *, objective: str, objective_config: dict,
-                    train_config: dict, step: int, data: dict, extra: Optional[dict] = None) -> None:
+                    train_config: dict, step: int, data: dict, objective_state: Optional[dict] = None,
+                    extra: Optional[dict] = None) -> None:
     """Write ``ckpt.pt`` atomically (see the module docstring for its contents)."""
     payload = {
         "format": FORMAT,
@@ -58,6 +66,7 @@ def save_checkpoint(path: str, backbone: Backbone, *, objective: str, objective_
         "train_config": train_config,
         "step": int(step),
         "data": data,
+        OBJECTIVE_STATE: objective_state or {},
         **(extra or {}),
     }
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -79,6 +88,14 @@ def load_checkpoint(path: str) -> dict[str, Any]:
             "pass a ckpt.pt written by an ssl_vit recipe, timm:MODEL_NAME, or a .safetensors export"
         )
     return ckpt
+
+
+def objective_state(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The objective's own tensors of a loaded checkpoint, with the objective's parameter names;
+    version-1 checkpoints' per-objective keys are converted."""
+    if OBJECTIVE_STATE in ckpt:
+        return ckpt[OBJECTIVE_STATE]
+    return {prefix + k: v for key, prefix in LEGACY_STATE_KEYS.items() for k, v in ckpt.get(key, {}).items()}
 
 
 def backbone_from_checkpoint(ckpt: dict, state_key: str = "state_dict") -> Backbone:
@@ -110,9 +127,19 @@ def load_weights(backbone: Backbone, state_dict: dict[str, torch.Tensor], source
         ) from err
 
 
-def export_safetensors(ckpt_path: str, out_path: str, state_key: str = "state_dict") -> None:
+def student_weights(ckpt: dict, path: str) -> dict[str, torch.Tensor]:
+    """A DINO checkpoint's student backbone (timm key names); its saved backbone is the teacher."""
+    weights = {k[len(STUDENT_PREFIX):]: v for k, v in objective_state(ckpt).items() if k.startswith(STUDENT_PREFIX)}
+    if ckpt["objective"] != "dino" or not weights:
+        raise CheckpointError(f"{path} is a {ckpt['objective']} checkpoint: only DINO runs have a student "
+                              "besides their backbone; drop --student")
+    return weights
+
+
+def export_safetensors(ckpt_path: str, out_path: str, student: bool = False) -> None:
     """Write the backbone alone as safetensors, loadable by ``timm.create_model(name, pretrained=True,
-    pretrained_cfg_overlay=dict(file=out_path), **timm_kwargs)``; both are stored in the metadata."""
+    pretrained_cfg_overlay=dict(file=out_path), **timm_kwargs)``; both are stored in the metadata.
+    ``student``: a DINO run's student instead of its teacher."""
     from safetensors.torch import save_file
 
     from .backbone import _timm_kwargs
@@ -129,7 +156,8 @@ def export_safetensors(ckpt_path: str, out_path: str, state_key: str = "state_di
         "step": str(ckpt["step"]),
         "data": json.dumps(ckpt.get("data", {})),
     }
-    tensors = {k: v.contiguous() for k, v in ckpt[state_key].items()}
+    weights = student_weights(ckpt, ckpt_path) if student else ckpt["state_dict"]
+    tensors = {k: v.contiguous() for k, v in weights.items()}
     atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -151,7 +179,7 @@ def _read_spec(spec: str) -> tuple[dict[str, Any], Optional[dict]]:
         return {"arch": json.loads(meta["arch"]), "objective": meta.get("objective"),
                 "step": int(meta.get("step", 0)), "data": json.loads(meta.get("data", "{}"))}, None
     ckpt = load_checkpoint(spec)
-    return {k: v for k, v in ckpt.items() if not k.endswith("state_dict")}, ckpt
+    return {k: v for k, v in ckpt.items() if not k.endswith("state_dict") and k != OBJECTIVE_STATE}, ckpt
 
 
 def backbone_info(spec: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ def main(argv=None) -> None:
     parser.add_argument("out")
     parser.add_argument("--student", action="store_true", help="export a DINO run's student instead of its teacher")
     args = parser.parse_args(argv)
-    export_safetensors(args.checkpoint, args.out, "student_state_dict" if args.student else "state_dict")
+    export_safetensors(args.checkpoint, args.out, student=args.student)
     print(f"wrote {args.out}")
 
 

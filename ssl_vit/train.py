@@ -265,7 +265,7 @@ class Trainer:
                 path, objective.export_backbone(), objective=self.run_cfg.objective,
                 objective_config=run["objective_config"], train_config=run["train"], step=step,
                 data={**dataclasses.asdict(self.data_info), "image_column": self.source.image_column},
-                extra={**objective.extra_checkpoint(), "results": results or {}},
+                objective_state=objective.objective_state(), extra={"results": results or {}},
             )
         self.acc.wait_for_everyone()
         return path

@@ -106,3 +106,26 @@ def test_short_names_of_checkpoints_and_data():
     assert short_name("out/backbone.safetensors") == "backbone" and short_name("../shared/data/cifar10/") == "cifar10"
     assert short_name("data/digits.parquet") == "digits" and short_name("user/some-set") == "some-set"
     assert folder_safe("some-set v2") == "some_set_v2"
+
+
+def test_version_1_checkpoints_still_rebuild_their_objective(tmp_path):
+    """Version 1 kept each objective's tensors under its own key (head_state_dict, ...)."""
+    from ssl_vit.data import MEAN, STD
+    from ssl_vit.objectives import DataInfo, load_objective
+    from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
+
+    data = DataInfo("default", 10, None, MEAN, STD, 16)
+    model = Supervised(tiny_vit(), SupervisedConfig(), data)
+    path = str(tmp_path / "ckpt.pt")
+    legacy = {"head_state_dict": {k[len("head."):]: v for k, v in model.objective_state().items()}}
+    save_checkpoint(path, model.backbone, objective="supervised", objective_config={}, train_config={}, step=1,
+                    data=dataclasses.asdict(data), extra=legacy)
+    ckpt = load_checkpoint(path)
+    del ckpt["objective_state"]
+    rebuilt = load_objective(ckpt)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(rebuilt.logits(x), model.eval().logits(x))
+    with pytest.raises(CheckpointError, match="is a supervised checkpoint: only DINO runs have a student"):
+        export_safetensors(path, str(tmp_path / "student.safetensors"), student=True)
+    with pytest.raises(CheckpointError, match="is a supervised checkpoint; pass a ckpt.pt written by recipes/mae.py"):
+        load_objective(path, expect="mae")

@@ -16,7 +16,7 @@ from PIL import Image
 from timm.optim import create_optimizer_v2
 
 from conftest import tiny_vit
-from ssl_vit.checkpoint import export_safetensors, load_backbone, load_checkpoint
+from ssl_vit.checkpoint import export_safetensors, load_backbone, load_checkpoint, objective_state, student_weights
 from ssl_vit.data import MEAN, STD, MultiCrop, collate
 from ssl_vit.objectives import DataInfo, StepInfo
 from ssl_vit.objectives.dino import DINO, DINOConfig, view_pairs
@@ -274,10 +274,10 @@ def test_recipe_checkpoint_holds_the_teacher_and_exports_the_student(tmp_path):
     path = run_recipe("dino", _recipe().DEFAULTS, argv=[*TINY_RECIPE, "--steps", "2", "--out", str(tmp_path / "run")])
     ckpt = load_checkpoint(path)
     assert ckpt["objective"] == "dino" and ckpt["arch"]["drop_path_rate"] == 0.0  # the teacher's
-    teacher, student = ckpt["state_dict"], ckpt["student_state_dict"]
+    teacher, student = ckpt["state_dict"], student_weights(ckpt, path)
     assert teacher.keys() == student.keys()
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
-    export_safetensors(path, str(tmp_path / "student.safetensors"), "student_state_dict")
+    export_safetensors(path, str(tmp_path / "student.safetensors"), student=True)
     exported, _ = load_backbone(str(tmp_path / "student.safetensors"))
     for k, v in exported.vit.state_dict().items():
         assert torch.equal(v, student[k])
@@ -295,6 +295,8 @@ def test_trainer_updates_centre_and_teacher_once_per_step_under_accumulation(tmp
     whole = load_checkpoint(run_recipe("dino", _recipe().DEFAULTS, argv=[*argv, "--out", str(tmp_path / "a")]))
     accum = load_checkpoint(run_recipe("dino", _recipe().DEFAULTS,
                                        argv=[*argv, "--grad-accum", "2", "--out", str(tmp_path / "b")]))
-    for key in ("state_dict", "student_state_dict"):  # teacher, student
-        for name, value in whole[key].items():
-            torch.testing.assert_close(accum[key][name], value, rtol=1e-4, atol=5e-5, msg=f"{key} {name}")
+    for name, value in whole["state_dict"].items():  # the teacher
+        torch.testing.assert_close(accum["state_dict"][name], value, rtol=1e-4, atol=5e-5, msg=name)
+    accum_state = objective_state(accum)
+    for name, value in objective_state(whole).items():  # the student, the heads, the centre
+        torch.testing.assert_close(accum_state[name], value, rtol=1e-4, atol=5e-5, msg=name)

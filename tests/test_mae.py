@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_hybrid, tiny_vit
-from ssl_vit.checkpoint import load_checkpoint, save_checkpoint
+from ssl_vit.checkpoint import save_checkpoint
 from ssl_vit.data import MEAN, STD
 from ssl_vit.masking import random_masking
-from ssl_vit.objectives import DataInfo
+from ssl_vit.objectives import DataInfo, load_objective
 from ssl_vit.objectives.mae import MAE, MAEConfig
 from ssl_vit.viz.mae import main as viz_main
 
@@ -167,8 +167,8 @@ def test_checkpoint_rebuilds_mae_and_writes_the_reconstruction_png(tmp_path):
     data = {"name": "default", "num_classes": 10, "class_names": None, "mean": MEAN, "std": STD, "img_size": 32}
     path = str(tmp_path / "ckpt.pt")
     save_checkpoint(path, mae.backbone, objective="mae", objective_config=vars(mae.cfg), train_config={},
-                    step=0, data=data, extra=mae.extra_checkpoint())
-    rebuilt = MAE.from_checkpoint(load_checkpoint(path))
+                    step=0, data=data, objective_state=mae.objective_state())
+    rebuilt = load_objective(path, expect="mae")
     assert rebuilt.backbone.cfg.pos_embed == "sincos"
     images = images_for(mae)
     masking = fixed_masking(mae, images)

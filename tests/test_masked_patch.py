@@ -193,17 +193,17 @@ def test_bad_settings_are_clear_errors(bad, message):
 
 # ----- recipe, checkpoint and picture -----
 def test_recipe_writes_a_checkpoint_the_picture_reads(tmp_path):
-    from ssl_vit.checkpoint import load_backbone, load_checkpoint
-    from ssl_vit.objectives.masked_patch import STATE_KEY
+    from ssl_vit.checkpoint import load_backbone, load_checkpoint, objective_state
+    from ssl_vit.objectives import load_objective
     from ssl_vit.train import run_recipe
-    from ssl_vit.viz.masked_patch import load_objective, main
+    from ssl_vit.viz.masked_patch import main
 
     recipe = run_path(str(Path(__file__).parents[1] / "recipes" / "masked_patch.py"))
     ckpt = run_recipe("masked_patch", recipe["DEFAULTS"], argv=[
         "--depth", "1", "--steps", "2", "--batch-size", "8", "--num-workers", "0", "--out", str(tmp_path / "run")])
-    trained = load_objective(ckpt)
+    trained = load_objective(ckpt, expect="masked_patch")
     assert trained.mask_token is not None and trained.head.out_features == NUM_COLORS
-    saved = load_checkpoint(ckpt)[STATE_KEY]  # the trained head and [mask] embedding, not fresh ones
+    saved = objective_state(load_checkpoint(ckpt))  # the trained head and [mask] embedding, not fresh ones
     assert torch.equal(trained.head.weight, saved["head.weight"]) and torch.equal(trained.mask_token, saved["mask_token"])
     fresh = objective(trained.backbone)
     assert not torch.equal(fresh.head.weight, saved["head.weight"])

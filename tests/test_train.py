@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import launch_processes, tiny_vit
-from ssl_vit.checkpoint import load_backbone, load_checkpoint
+from ssl_vit.checkpoint import load_backbone, load_checkpoint, objective_state
 from ssl_vit.data import MEAN, STD, EpochSampler, ImageDataset, load_data, make_loader, train_transform
-from ssl_vit.objectives import DataInfo
+from ssl_vit.objectives import DataInfo, load_objective
 from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
 from ssl_vit.errors import UserError
 from ssl_vit.train import NonFiniteError, run_recipe
@@ -75,11 +75,8 @@ def test_loss_goes_down_on_a_fixed_batch():
 
 def _state_dicts(ckpt: dict) -> dict:
     """Every trained tensor of a checkpoint: the backbone's and the objective's own."""
-    tensors = {f"backbone.{k}": v for k, v in ckpt["state_dict"].items()}
-    for key, value in ckpt.items():
-        if key.endswith("state_dict") and key != "state_dict":
-            tensors.update({f"{key}.{k}": v for k, v in value.items()})
-    return tensors
+    return {**{f"backbone.{k}": v for k, v in ckpt["state_dict"].items()},
+            **{f"objective.{k}": v for k, v in objective_state(ckpt).items()}}
 
 
 def assert_same_weights(actual: dict, expected: dict, rtol: float = 0.0, atol: float = 1e-6) -> None:
@@ -108,15 +105,17 @@ def test_a_run_through_the_trainer_changes_the_weights(tmp_path, objective):
     extra = ["--out-dim", "32", "--hidden-dim", "32", "--bottleneck-dim", "16", "--local-crops-number", "2",
              "--local-crop-size", "8", "--momentum-teacher", "0.9"] if objective == "dino" else []
 
-    def run(out: str, steps: int) -> dict:
-        argv = [*TINY, *extra, "--steps", str(steps), "--out", str(tmp_path / out)]
-        return _state_dicts(load_checkpoint(run_recipe(objective, {}, argv=argv)))
+    def run(out: str, steps: int) -> str:
+        return run_recipe(objective, {}, argv=[*TINY, *extra, "--steps", str(steps), "--out", str(tmp_path / out)])
 
-    start, trained = run("init", 0), run("trained", 3)
+    start, path = _state_dicts(load_checkpoint(run("init", 0))), run("trained", 3)
+    trained = _state_dicts(load_checkpoint(path))
     assert start.keys() == trained.keys()
     assert all(torch.isfinite(v).all() for v in trained.values())
     changed = [k for k in start if not torch.equal(start[k], trained[k])]
     assert any(k.startswith("backbone.blocks.0.") for k in changed), changed
+    rebuilt = load_objective(path)  # the whole objective comes back from ckpt.pt
+    assert all(torch.equal(v, trained[f"objective.{k}"]) for k, v in rebuilt.objective_state().items())
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine(tmp_path):

@@ -86,9 +86,12 @@ class Objective(nn.Module):
         """The backbone written to ``ckpt.pt`` (DINO: the teacher)."""
         return self.backbone
 
-    def extra_checkpoint(self) -> dict:
-        """Objective-specific tensors worth keeping in ``ckpt.pt`` (a head, the student)."""
-        return {}
+    def objective_state(self) -> dict[str, torch.Tensor]:
+        """This objective's own tensors for ``ckpt.pt`` (heads, decoders, tokens, a student): its
+        state dict without the exported backbone, which the checkpoint holds under timm names."""
+        exported = self.export_backbone()
+        prefix = next(name for name, module in self.named_children() if module is exported) + "."
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if not k.startswith(prefix)}
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm's layer grouping of the backbone (for layer-wise lr decay), renamed to this module's

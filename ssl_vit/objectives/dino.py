@@ -306,7 +306,3 @@ class DINO(Objective):
     def export_backbone(self) -> Backbone:
         """The teacher: DINO evaluates (kNN, linear) the teacher's features."""
         return self.teacher
-
-    def extra_checkpoint(self) -> dict:
-        """The student backbone too (timm keys), for ``python -m ssl_vit.export CKPT OUT --student``."""
-        return {"student_state_dict": {k: v.detach().cpu() for k, v in self.backbone.vit.state_dict().items()}}

@@ -17,7 +17,7 @@ The forward pass runs in the order of the paper's figure:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -26,7 +26,6 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..backbone import Backbone
-from ..checkpoint import CheckpointError, backbone_from_checkpoint
 from ..errors import ConfigError
 from ..masking import Masking, random_masking
 from .base import DataInfo, Objective
@@ -106,18 +105,6 @@ class MAE(Objective):
         patch_pixels = backbone.pixel_patch_size ** 2 * backbone.cfg.in_chans
         self.decoder = MAEDecoder(backbone.embed_dim, patch_pixels, cfg)
 
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict) -> "MAE":
-        """Rebuild the whole MAE (backbone and decoder) from a loaded MAE ``ckpt.pt``."""
-        if ckpt.get("objective") != "mae" or "mae_state_dict" not in ckpt:
-            raise CheckpointError(f"not an MAE checkpoint (objective {ckpt.get('objective')!r}); "
-                                  "pass a ckpt.pt written by recipes/mae.py")
-        data = ckpt["data"]
-        info = DataInfo(**{f.name: data[f.name] for f in fields(DataInfo)})
-        mae = cls(backbone_from_checkpoint(ckpt), MAEConfig(**ckpt["objective_config"]), info)
-        mae.decoder.load_state_dict(ckpt["mae_state_dict"])
-        return mae
-
     # ----- the method, in the order it runs -----
     def forward_encoder(self, images: torch.Tensor, masking: Masking | None = None
                         ) -> tuple[torch.Tensor, Masking, tuple[int, int]]:
@@ -180,10 +167,6 @@ class MAE(Objective):
         latent, masking, grid = self.forward_encoder(images)
         pred = self.forward_decoder(latent, masking.restore, grid)
         return self.forward_loss(images, pred, masking.mask), {}
-
-    # ----- what is saved -----
-    def extra_checkpoint(self):
-        return {"mae_state_dict": {k: v.detach().cpu() for k, v in self.decoder.state_dict().items()}}
 
     def no_weight_decay(self):
         return super().no_weight_decay() | {"decoder.mask_token"}

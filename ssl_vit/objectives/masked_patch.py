@@ -37,7 +37,6 @@ LEVELS = 2 ** COLOR_BITS  # 8 levels per channel
 NUM_COLORS = LEVELS ** 3  # 512 classes
 CELLS = 4  # the 4x4 target: each patch downsized to CELLS x CELLS
 MIN_TOKENS = 4  # fewer patches per image leave nothing sensible to corrupt
-STATE_KEY = "masked_patch_state_dict"  # head and [mask] embedding in ckpt.pt
 
 # What happened to each patch (the values of ``Corruption.case``).
 UNTOUCHED, MASK, RANDOM, KEEP = 0, 1, 2, 3
@@ -209,8 +208,3 @@ class MaskedPatchPrediction(Objective):
             ones = torch.ones(true.numel(), device=true.device)
             baseline = torch.zeros(NUM_COLORS, device=true.device).index_add_(0, true.flatten(), ones).max() / true.numel()
         return loss, {"color_accuracy": accuracy, "baseline_accuracy": baseline.float()}
-
-    # ----- what is saved -----
-    def extra_checkpoint(self):
-        own = {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith("backbone.")}
-        return {STATE_KEY: own}

@@ -77,6 +77,3 @@ class Supervised(Objective):
 
     def test_metrics(self, sums):
         return {"test_accuracy": (sums["correct"].float() / sums["count"].clamp(min=1)).item()}
-
-    def extra_checkpoint(self):
-        return {"head_state_dict": {k: v.detach().cpu() for k, v in self.head.state_dict().items()}}

@@ -18,10 +18,10 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ..checkpoint import load_checkpoint  # noqa: E402
 from ..data import denormalize, eval_transform, load_data  # noqa: E402
 from ..errors import run_cli  # noqa: E402
 from ..masking import random_masking  # noqa: E402
+from ..objectives import load_objective  # noqa: E402
 from ..objectives.mae import MAE, patch_stats  # noqa: E402
 
 MASKED_GREY = 0.5  # pixel value shown for hidden patches
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.num_images < 1:
         parser.error(f"--num-images {args.num_images}: need at least 1")
 
-    mae = MAE.from_checkpoint(load_checkpoint(args.checkpoint))
+    mae = load_objective(args.checkpoint, expect="mae")
     source = load_data(args.data)
     split = source.test if args.split == "test" and source.test is not None else source.train
     transform = eval_transform(mae.backbone.cfg.img_size, mae.data.mean, mae.data.std)

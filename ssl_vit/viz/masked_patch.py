@@ -6,13 +6,12 @@ Rows: the image; what the network gets (a [mask] patch drawn grey, a random patc
 the other image's pixels it was taken from, an unchanged patch as it is); the target of each
 corrupted patch (3-bit mean colours, 4x4 cells or pixels); the prediction from its output token.
 Corrupted patches are outlined and uncorrupted ones faded in the last two rows. The head and the [mask] embedding come from
-the checkpoint's ``masked_patch_state_dict``.
+the checkpoint (``ssl_vit.objectives.load_objective``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import matplotlib
 
@@ -22,35 +21,16 @@ from matplotlib.patches import Rectangle  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ..checkpoint import CheckpointError, backbone_from_checkpoint, load_checkpoint  # noqa: E402
 from ..data import ImageDataset, denormalize, eval_transform, load_data  # noqa: E402
 from ..errors import UserError, run_cli  # noqa: E402
-from ..objectives import DataInfo  # noqa: E402
+from ..objectives import load_objective  # noqa: E402
 from ..objectives.masked_patch import (  # noqa: E402
-    CELLS, STATE_KEY, UNTOUCHED, MaskedPatchConfig, MaskedPatchPrediction, class_colors, take,
+    CELLS, UNTOUCHED, MaskedPatchPrediction, class_colors, take,
 )
 
 Row = tuple[str, torch.Tensor]  # (title, images [B, 3, H, W] in 0..1)
 MASK_GREY = 0.5  # how a [mask] patch is drawn
 FADE = 0.25  # uncorrupted patches in the target and prediction rows: this much of the image, the rest white
-
-
-def load_objective(path: str) -> MaskedPatchPrediction:
-    """Rebuild the objective of a masked patch ckpt.pt: backbone, head and [mask] embedding."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get("objective") != "masked_patch" or STATE_KEY not in ckpt:
-        raise CheckpointError(
-            f"{path} was written by the {ckpt.get('objective')!r} objective without a {STATE_KEY}; "
-            "pass a ckpt.pt from recipes/masked_patch.py"
-        )
-    fields = {f.name for f in dataclasses.fields(DataInfo)}
-    data = DataInfo(**{k: v for k, v in ckpt["data"].items() if k in fields})
-    cfg = MaskedPatchConfig(**ckpt["objective_config"])
-    objective = MaskedPatchPrediction(backbone_from_checkpoint(ckpt), cfg, data)
-    missing, unexpected = objective.load_state_dict(ckpt[STATE_KEY], strict=False)
-    if unexpected or any(not k.startswith("backbone.") for k in missing):
-        raise CheckpointError(f"{path}: the saved head does not fit (missing {missing}, unexpected {unexpected})")
-    return objective.eval()
 
 
 def patch_pixels(objective: MaskedPatchPrediction, values: torch.Tensor) -> torch.Tensor:
@@ -125,7 +105,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the corruption")
     args = parser.parse_args(argv)
 
-    objective = load_objective(args.checkpoint)
+    objective = load_objective(args.checkpoint, expect="masked_patch")
     data = objective.data
     source = load_data(args.data or data.name)
     split = source.test if source.test is not None else source.train

@@ -10,7 +10,7 @@ on the device, backward, gradient-norm clipping (the recipe's threshold; the nor
 without one, as our loop does), the loop's finite-loss check, AdamW (timm ``create_optimizer_v2``
 with the recipe's settings, fused on CUDA), and the method's own per-step hooks (DINO's EMA
 teacher and centre). Ours is built exactly as ``Trainer`` builds it: the recipe's defaults
-(``recipes/<objective>.py``), ``get_objective(name)(build_backbone(...), Config, DataInfo)``,
+(the objective's ``recipe_defaults``, what ``recipes/<objective>.py`` runs), ``get_objective(name)(build_backbone(...), Config, DataInfo)``,
 the objective's own augmentation for the batch's shape (DINO: a list of multi-crop batches).
 The other libraries' models are built at the same width, depth, heads, patch and image size,
 mask ratio, decoder and DINO head (``reference_models.py``).
@@ -136,20 +136,9 @@ class Trainee:
 
 
 # ----- building, as the Trainer does -----
-def recipe_defaults(objective: str) -> dict:
-    """The DEFAULTS dict of ``recipes/<objective>.py`` ({} when that recipe does not exist yet)."""
-    path = ROOT / "recipes" / f"{objective}.py"
-    if not path.exists():
-        return {}
-    spec = importlib.util.spec_from_file_location(f"recipe_{objective}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # a recipe only runs under __main__
-    return dict(getattr(module, "DEFAULTS", {}))
-
-
 def run_config(spec: Spec) -> RunConfig:
     """The recipe's run config with this model, depth and batch (parsed like its command line)."""
-    defaults = recipe_defaults(spec.objective)
+    defaults = dict(get_objective(spec.objective).recipe_defaults)
     backbone = MODELS[spec.model]
     defaults.update(backbone)
     if backbone["img_size"] >= 224:

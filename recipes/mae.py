@@ -14,15 +14,8 @@ drop-path, no gradient clipping. The paper trains ViT-B/16 at batch 4096 for 800
 (ViT-Ti/4 at 32 px, a 128-wide 2-block decoder, warmup = 10% of the steps).
 """
 
+from ssl_vit.errors import run_cli
 from ssl_vit.train import run_recipe
 
-DEFAULTS = dict(
-    model="vit_tiny", patch_size=4, img_size=32, pos_embed="sincos",
-    steps=200, batch_size=64,
-    optimizer="adamw", lr=1.5e-4, lr_ref_batch=256, betas=(0.9, 0.95), weight_decay=0.05,
-    clip_grad=0.0, min_lr=0.0,
-    crop_scale=(0.2, 1.0), hflip=True,
-)
-
-if __name__ == "__main__":
-    run_recipe("mae", DEFAULTS, description=__doc__)
+if __name__ == "__main__":  # defaults: ssl_vit.objectives.get_objective("mae").recipe_defaults
+    run_cli(lambda argv: run_recipe("mae", argv=argv, description=__doc__))

@@ -19,23 +19,13 @@ Learning rate: Adam's square-root rule anchored where we measured it, lr = 1e-3 
 (--lr 1e-3 --lr-ref-batch 64 --lr-scaling sqrt, applied automatically: 2e-3 at batch 256; only
 batch 64 was measured). We do not scale down from the paper's 2e-4 at batch 4096: that value
 belongs to a 1M-step run, and scaling it to batch 64 gives 3.1e-6 (linear) or 2.5e-5 (square
-root), which learns almost nothing in a short run. Measured on CIFAR-10, ViT-Ti/4 with 6 layers,
-150 steps at batch 64: colour accuracy 0.069 with lr 2.5e-5 against 0.164 with lr 1e-3
-(most-frequent-colour baseline 0.059). For the paper's
+root), which learns almost nothing in a short run (the measurement: docs/results/README.md). For the paper's
 own long large-batch runs give its value at its batch: --batch-size 4096 --lr 2e-4 --lr-ref-batch 4096
 --warmup-steps 10000.
 """
 
+from ssl_vit.errors import run_cli
 from ssl_vit.train import run_recipe
 
-DEFAULTS = dict(
-    model="vit_tiny", patch_size=4, img_size=32,
-    global_pool="avg",  # the class token's output is never trained by this objective
-    steps=200, batch_size=64,
-    optimizer="adamw", lr=1e-3, lr_ref_batch=64, lr_scaling="sqrt", betas=(0.9, 0.999), weight_decay=0.1,
-    clip_grad=1.0,
-    crop_scale=(0.35, 1.0),  # a 32 px image has little to spare: milder than ImageNet's 0.08
-)
-
-if __name__ == "__main__":
-    run_recipe("masked_patch", DEFAULTS, description=__doc__)
+if __name__ == "__main__":  # defaults: ssl_vit.objectives.get_objective("masked_patch").recipe_defaults
+    run_cli(lambda argv: run_recipe("masked_patch", argv=argv, description=__doc__))

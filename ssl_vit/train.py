@@ -390,8 +390,11 @@ def train(run: RunConfig) -> str:
 
 def run_recipe(objective: str, defaults: Optional[dict] = None, argv: Optional[list[str]] = None,
                description: str = "") -> str:
-    """Parse the command line with a recipe's defaults and train; the body of every recipe script."""
+    """Parse the command line over ``defaults`` (None: the objective's ``recipe_defaults``) and
+    train; the body of every recipe script."""
     from .config import parse_run_config
 
-    run = parse_run_config(objective, get_objective(objective).Config, defaults, argv, description)
+    cls = get_objective(objective)
+    run = parse_run_config(objective, cls.Config, cls.recipe_defaults if defaults is None else defaults, argv,
+                           description)
     return train(run)

@@ -2,10 +2,8 @@
 collapse warning, checkpoint (teacher) and student export."""
 
 import copy
-import importlib.util
 import os
 import socket
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,13 +255,6 @@ def test_forced_collapse_triggers_the_warning(kind):
 
 
 # ----- the recipe and its checkpoint -----
-def _recipe():
-    spec = importlib.util.spec_from_file_location("dino_recipe", Path(__file__).parents[1] / "recipes" / "dino.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    return recipe
-
-
 TINY_RECIPE = ["--batch-size", "8", "--depth", "1", "--out-dim", "32", "--hidden-dim", "32", "--bottleneck-dim", "16",
                "--local-crops-number", "2", "--num-workers", "0", "--lr", "1e-2"]
 
@@ -271,7 +262,7 @@ TINY_RECIPE = ["--batch-size", "8", "--depth", "1", "--out-dim", "32", "--hidden
 def test_recipe_checkpoint_holds_the_teacher_and_exports_the_student(tmp_path):
     from ssl_vit.train import run_recipe
 
-    path = run_recipe("dino", _recipe().DEFAULTS, argv=[*TINY_RECIPE, "--steps", "2", "--out", str(tmp_path / "run")])
+    path = run_recipe("dino", argv=[*TINY_RECIPE, "--steps", "2", "--out", str(tmp_path / "run")])
     ckpt = load_checkpoint(path)
     assert ckpt["objective"] == "dino" and ckpt["arch"]["drop_path_rate"] == 0.0  # the teacher's
     teacher, student = ckpt["state_dict"], student_weights(ckpt, path)
@@ -292,9 +283,8 @@ def test_trainer_updates_centre_and_teacher_once_per_step_under_accumulation(tmp
     # micro-batch differs by ~3e-3; AdamW leaves ~1e-6 of rounding between the two runs)
     argv = [*TINY_RECIPE, "--steps", "3", "--drop-path-rate", "0", "--lr-ref-batch", "8", "--momentum-teacher", "0.9",
             "--freeze-last-layer-epochs", "0"]
-    whole = load_checkpoint(run_recipe("dino", _recipe().DEFAULTS, argv=[*argv, "--out", str(tmp_path / "a")]))
-    accum = load_checkpoint(run_recipe("dino", _recipe().DEFAULTS,
-                                       argv=[*argv, "--grad-accum", "2", "--out", str(tmp_path / "b")]))
+    whole = load_checkpoint(run_recipe("dino", argv=[*argv, "--out", str(tmp_path / "a")]))
+    accum = load_checkpoint(run_recipe("dino", argv=[*argv, "--grad-accum", "2", "--out", str(tmp_path / "b")]))
     for name, value in whole["state_dict"].items():  # the teacher
         torch.testing.assert_close(accum["state_dict"][name], value, rtol=1e-4, atol=5e-5, msg=name)
     accum_state = objective_state(accum)

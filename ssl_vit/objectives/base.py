@@ -44,6 +44,8 @@ class Objective(nn.Module):
     Config: type = object  # a dataclass with the objective's own settings (flags of the recipe)
     needs_labels: bool = False
     has_test_metric: bool = False  # evaluate_batch and test_metrics are implemented (a test split is read)
+    # The recipe's defaults (recipes/<name>.py): the paper's settings scaled to a laptop, as flag values.
+    recipe_defaults: dict = {}
 
     def __init__(self, backbone: Backbone, cfg: Any, data: DataInfo):
         super().__init__()

@@ -35,6 +35,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from ..backbone import Backbone
 from ..data import MultiCrop
+from ..data.multicrop import SMALL_IMAGE_SIZES
 from ..errors import ConfigError
 from .base import DataInfo, Objective, StepInfo
 
@@ -133,6 +134,17 @@ class DINO(Objective):
     """Student = ``self.backbone`` + ``self.head``; teacher = ``self.teacher`` + ``self.teacher_head``."""
 
     Config = DINOConfig
+    # The paper's optimisation (AdamW, lr 5e-4 x batch / 256, cosine to 1e-6, weight decay 0.04 -> 0.4,
+    # clipping 3.0, drop-path 0.1) on a CPU-sized model; see recipes/dino.py for the choices.
+    recipe_defaults = dict(
+        model="vit_tiny", patch_size=4, img_size=SMALL_IMAGE_SIZES[0], local_crop_size=SMALL_IMAGE_SIZES[1],
+        depth=6,  # the student sees 4x the tokens of a supervised step, plus the teacher: --depth 12 for full ViT-Ti
+        drop_path_rate=0.1,  # the student's; the teacher has none
+        steps=50, batch_size=64,  # ~2 epochs of digits
+        optimizer="adamw", lr=5e-4, lr_ref_batch=256, min_lr=1e-6, betas=(0.9, 0.999),
+        weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
+        out_dim=4096, momentum_teacher=0.9995,
+    )
 
     def __init__(self, backbone: Backbone, cfg: DINOConfig, data: DataInfo):
         super().__init__(backbone, cfg, data)

@@ -99,6 +99,15 @@ class MAEDecoder(nn.Module):
 class MAE(Objective):
     Config = MAEConfig
     needs_labels = False
+    # facebookresearch/mae's pretraining recipe (AdamW(0.9, 0.95), wd 0.05, lr 1.5e-4 x batch / 256,
+    # crop scale (0.2, 1), no clipping) on ViT-Ti/4 at 32 px with sin-cos positions.
+    recipe_defaults = dict(
+        model="vit_tiny", patch_size=4, img_size=32, pos_embed="sincos",
+        steps=200, batch_size=64,
+        optimizer="adamw", lr=1.5e-4, lr_ref_batch=256, betas=(0.9, 0.95), weight_decay=0.05,
+        clip_grad=0.0, min_lr=0.0,
+        crop_scale=(0.2, 1.0), hflip=True,
+    )
 
     def __init__(self, backbone: Backbone, cfg: MAEConfig, data: DataInfo):
         super().__init__(backbone, cfg, data)

@@ -34,6 +34,13 @@ class Supervised(Objective):
     Config = SupervisedConfig
     needs_labels = True
     has_test_metric = True
+    # Adam(0.9, 0.999), weight decay 0.1, warmup then cosine, clipping at norm 1 (the paper's), at laptop size.
+    recipe_defaults = dict(
+        model="vit_tiny", patch_size=4, img_size=32,
+        steps=200, batch_size=64,
+        optimizer="adamw", lr=1e-3, betas=(0.9, 0.999), weight_decay=0.1, clip_grad=1.0,
+        crop_scale=(0.35, 1.0),  # a 32 px image has little to spare: milder than ImageNet's 0.08
+    )
 
     def __init__(self, backbone, cfg: SupervisedConfig, data: DataInfo):
         super().__init__(backbone, cfg, data)

@@ -207,7 +207,7 @@ def test_finetune_at_higher_resolution(tiny_ckpt, tmp_path, capsys):
 
 
 def test_linear_probe_learns_separable_features():
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(1)  # not the probe's seed 0: its initial head would equal 0.01 x the centres
     classes, dim = 4, 16
     centres = torch.randn(classes, dim, generator=g)
     train_y, test_y = torch.arange(400) % classes, torch.arange(200) % classes

@@ -1,0 +1,215 @@
+"""The one training loop, on Hugging Face Accelerate, that serves every objective.
+
+It owns what every objective shares: devices and processes, mixed precision, gradient
+accumulation and clipping, the optimizer and schedule, logging, the test metric, atomic
+checkpoints and exact resume. ``Trainer`` assembles pieces that each work alone:
+``pipeline`` (loaders and the micro-batches of each step), ``optim`` (optimizer and schedule),
+``step`` (one optimizer step), ``metrics_log`` (metrics.jsonl and the tracker) and
+``run_folder`` (config.json, the resumable state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from ..backbone import build_backbone
+from ..checkpoint import load_backbone, load_weights, save_checkpoint
+from ..config import RunConfig
+from ..data import MEAN, STD, DataError, load_data
+from ..errors import ConfigError
+from ..objectives import DataInfo, Objective, StepInfo, get_objective
+from .metrics_log import MetricLog
+from .optim import build_optimizer, build_schedule, scaled_lr
+from .pipeline import DataPipeline, Shard
+from .run_folder import CKPT_FILE, StateFolder, check_or_write_config, default_out
+from .step import StepResult, optimizer_step, to_device
+
+__all__ = ["NonFiniteError", "Trainer", "default_out", "run_recipe", "train"]
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or infinite loss or gradient; raised before anything bad reaches a checkpoint."""
+
+
+def plain(model: torch.nn.Module, acc: Accelerator) -> Objective:
+    """The objective inside what ``accelerator.prepare`` and ``torch.compile`` wrapped around it."""
+    model = acc.unwrap_model(model)
+    return getattr(model, "_orig_mod", model)
+
+
+class Trainer:
+    """Builds everything from a ``RunConfig`` and runs it; ``run()`` returns the ckpt.pt path."""
+
+    def __init__(self, run: RunConfig):
+        self.run_cfg, tc = run, run.train
+        self.out = tc.out or default_out(run)
+        self.acc = Accelerator(mixed_precision=tc.precision, log_with="tensorboard", project_dir=self.out)
+        shard = self._shard()
+        set_seed(tc.seed)
+        if self.acc.is_main_process:
+            os.makedirs(self.out, exist_ok=True)
+            check_or_write_config(self.out, run)
+        self.acc.wait_for_everyone()
+        self.source = load_data(tc.data, tc.image_column, tc.label_column, tc.streaming)
+        objective_cls = get_objective(run.objective)
+        if objective_cls.needs_labels and not self.source.has_labels:
+            raise DataError(f"the {run.objective} objective needs labels and {tc.data} has no label column; "
+                            "name it with --label-column, or use a self-supervised recipe")
+        self.data_info = DataInfo(tc.data, self.source.num_classes, self.source.class_names, MEAN, STD,
+                                  run.backbone.img_size)
+        self.objective = objective_cls(self._backbone(), run.objective_config, self.data_info)
+        transform = objective_cls.train_transform(tc, run.objective_config, self.data_info)
+        self.data = DataPipeline(run, self.source, objective_cls, transform, shard)
+        self.steps_per_epoch = self.data.steps_per_epoch
+        self.lr = scaled_lr(tc)
+        optimizer = build_optimizer(self.objective, tc)
+        self.scheduler = build_schedule(optimizer, tc)
+        model = torch.compile(self.objective) if tc.compile else self.objective
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.state = StateFolder(self.out, self.acc)
+        self.log = MetricLog(self.acc, self.out)
+        self.skipped_steps = self.skipped_images = 0
+
+    def _shard(self) -> Shard:
+        tc, acc = self.run_cfg.train, self.acc
+        per_step = acc.num_processes * tc.grad_accum
+        if tc.batch_size % per_step:
+            raise ConfigError(f"--batch-size {tc.batch_size} must be divisible by processes x --grad-accum = {per_step}")
+        return Shard(acc.process_index, acc.num_processes, tc.batch_size // per_step, acc.device.type == "cuda")
+
+    def _backbone(self):
+        """The configured backbone, initialised from --init when given (position embeddings resampled)."""
+        backbone = build_backbone(self.run_cfg.backbone)
+        if self.run_cfg.train.init:
+            source, _ = load_backbone(self.run_cfg.train.init)
+            load_weights(backbone, source.vit.state_dict(), self.run_cfg.train.init)
+        return backbone
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[dict]:
+        """The objective's test metrics (e.g. supervised accuracy), from sums over all processes."""
+        if self.data.test_loader is None:
+            return None
+        objective = plain(self.model, self.acc)
+        objective.eval()
+        sums: dict[str, torch.Tensor] = {}
+        for batch in tqdm(self.data.test_loader, desc="test", leave=False,
+                          disable=not self.acc.is_local_main_process):
+            if "image" not in batch:
+                continue
+            with self.acc.autocast():
+                part = objective.evaluate_batch(to_device(batch, self.acc.device))
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0) + v
+        objective.train()
+        return objective.test_metrics({k: self.acc.reduce(v, reduction="sum") for k, v in sums.items()})
+
+    def _write_checkpoint(self, step: int, results: Optional[dict]) -> str:
+        path = os.path.join(self.out, CKPT_FILE)
+        if self.acc.is_main_process:
+            objective, run = plain(self.model, self.acc), self.run_cfg.to_dict()
+            save_checkpoint(
+                path, objective.export_backbone(), objective=self.run_cfg.objective,
+                objective_config=run["objective_config"], train_config=run["train"], step=step,
+                data={**dataclasses.asdict(self.data_info), "image_column": self.source.image_column},
+                objective_state=objective.objective_state(), extra={"results": results or {}},
+            )
+        self.acc.wait_for_everyone()
+        return path
+
+    # ----- the loop -----
+    def _handle_nonfinite(self, step: int, result: StepResult) -> None:
+        """--on-nonfinite stop: raise before anything is saved; skip: count the skipped step."""
+        if self.run_cfg.train.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {step} (loss {result.loss.item()}, grad norm "
+                f"{result.grad_norm.item()}); nothing was saved from it. Last good state: "
+                f"{self.state.latest() or 'none'}. Lower --lr, use --precision bf16 instead of fp16, "
+                "or pass --on-nonfinite skip")
+        self.skipped_steps += 1
+        self.acc.print(f"step {step}: non-finite loss or gradient, step skipped ({self.skipped_steps} so far)")
+
+    def _after_step(self, step: int, end: int, epoch: int, bar) -> None:
+        """Log, evaluate and save as due after optimizer step ``step`` (1-based)."""
+        tc = self.run_cfg.train
+        if step % tc.log_every == 0 or step == end:
+            record = self.log.record(step, epoch, max(g["lr"] for g in self.optimizer.param_groups))
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            img_s=f"{record['images_per_s']:.0f}")
+        if tc.eval_every and step % tc.eval_every == 0 and step < end:
+            self._report(self.evaluate(), step, f"step {step}: ")
+        if (tc.save_every and step % tc.save_every == 0) or step == end:
+            self.state.save(step)
+
+    def _report(self, results: Optional[dict], step: int, prefix: str = "", suffix: str = "") -> None:
+        if results:
+            self.log.write({"step": step, **results})
+            self.acc.print(prefix + ", ".join(f"{k} {v:.4f}" for k, v in results.items()) + suffix)
+
+    def _train(self, step: int, end: int) -> int:
+        """Optimizer steps from ``step`` to ``end``; returns the step reached."""
+        tc, objective = self.run_cfg.train, plain(self.model, self.acc)
+        bar = tqdm(total=end, initial=min(step, end), desc=self.run_cfg.objective,
+                   disable=not self.acc.is_local_main_process)
+        self.model.train()
+        for epoch, group in self.data.micro_batches(step) if step < end else ():
+            info = StepInfo(step, tc.steps, epoch, self.steps_per_epoch)
+            self.scheduler.step_update(step + 1)  # lr of this step: warmup from lr/warmup, cosine to min_lr
+            result = optimizer_step(self.acc, self.model, objective, self.optimizer, group, info, tc.clip_grad)
+            self.skipped_images += result.skipped_images
+            if not result.finite:
+                self._handle_nonfinite(step, result)
+                continue
+            self.log.add(result)
+            step += 1
+            bar.update(1)
+            self._after_step(step, end, epoch, bar)
+            if step >= end:
+                break
+        bar.close()
+        return step
+
+    def run(self) -> str:
+        tc, acc = self.run_cfg.train, self.acc
+        step = self.state.load()
+        if step:
+            acc.print(f"resuming {self.out} at step {step}/{tc.steps}")
+        acc.init_trackers(os.path.basename(os.path.normpath(self.out)))
+        step = self._train(step, min(tc.steps, tc.stop_at) if tc.stop_at is not None else tc.steps)
+        if tc.steps == 0 and self.state.latest() is None:
+            self.state.save(0)
+        results = self.evaluate()
+        self._report(results, step, suffix=f" at step {step}")
+        if self.skipped_images:
+            acc.print(f"skipped {self.skipped_images} unreadable images (--skip-bad-images)")
+        if self.skipped_steps:
+            acc.print(f"skipped {self.skipped_steps} steps with a non-finite loss or gradient")
+        for line in plain(self.model, acc).summary():
+            acc.print(line)
+        path = self._write_checkpoint(step, results)
+        acc.end_training()
+        acc.print(f"checkpoint: {path}")
+        return path
+
+
+def train(run: RunConfig) -> str:
+    return Trainer(run).run()
+
+
+def run_recipe(objective: str, defaults: Optional[dict] = None, argv: Optional[list[str]] = None,
+               description: str = "") -> str:
+    """Parse the command line over ``defaults`` (None: the objective's ``recipe_defaults``) and
+    train; the body of every recipe script."""
+    from ..config import parse_run_config
+
+    cls = get_objective(objective)
+    run = parse_run_config(objective, cls.Config, cls.recipe_defaults if defaults is None else defaults, argv,
+                           description)
+    return train(run)

@@ -1,0 +1,47 @@
+"""Training metrics: summed on the device between records, one record every --log-every steps to
+``metrics.jsonl`` and the tracker (TensorBoard), from the main process only."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+from accelerate import Accelerator
+
+from .run_folder import METRICS_FILE
+from .step import StepResult
+
+
+class MetricLog:
+    def __init__(self, acc: Accelerator, out: str):
+        self.acc, self.path = acc, os.path.join(out, METRICS_FILE)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
+
+    def add(self, result: StepResult) -> None:
+        """Add a finished (finite) step; no host sync."""
+        for k, v in {**result.metrics, "loss": result.loss, "grad_norm": result.grad_norm}.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.steps += 1
+        self.images += result.images
+
+    def record(self, step: int, epoch: int, lr: float) -> dict:
+        """The means since the last record, over the steps and all processes; written and returned."""
+        dt = time.perf_counter() - self.t0
+        record = {"step": step, "epoch": epoch, "lr": lr,
+                  "images_per_s": self.images * self.acc.num_processes / max(dt, 1e-9)}
+        record.update({k: self.acc.reduce(v / self.steps, reduction="mean").item() for k, v in self.sums.items()})
+        self.write(record)
+        self._reset()
+        return record
+
+    def write(self, record: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        self.acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])

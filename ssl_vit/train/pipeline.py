@@ -1,0 +1,97 @@
+"""The data pipeline of a run: train and test loaders for map-style and streamed splits alike, and
+the micro-batches of every optimizer step from any step on (exact resume)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
+
+from datasets import IterableDataset
+from torch.utils.data import DataLoader
+
+from ..config import RunConfig
+from ..data import DataSource, EpochSampler, ImageDataset, StreamingImageDataset, eval_transform, make_loader
+
+STREAM_EPOCH_STEPS = 1_000  # "epoch" length of a stream whose size is unknown (epoch-based schedules)
+
+
+@dataclass
+class Shard:
+    """Where this process sits: its rank among ``world`` processes, its micro-batch, pinned memory."""
+
+    rank: int = 0
+    world: int = 1
+    micro_batch: int = 1
+    pin_memory: bool = False
+
+
+def split_loader(split, source: DataSource, label_column: Optional[str], transform, run: RunConfig, shard: Shard,
+                 train: bool) -> tuple[DataLoader, Union[EpochSampler, StreamingImageDataset]]:
+    """A loader over one split, map-style or streamed, and what positions it (the sampler, or the
+    stream itself). Train: shuffled, whole optimizer steps, endless stream; test: in order, all of it."""
+    tc = run.train
+    args = (source.image_column, label_column, transform, tc.seed, tc.skip_bad_images, "train" if train else "test")
+    if isinstance(split, IterableDataset):  # streamed: read in this process (datasets shards by file in workers)
+        ds = StreamingImageDataset(split, *args, rank=shard.rank, world_size=shard.world, repeat=train)
+        return make_loader(ds, None, 0, shard.pin_memory, shard.micro_batch, drop_last=train), ds
+    ds = ImageDataset(split, *args)
+    sampler = EpochSampler(len(ds), shard.micro_batch, tc.seed, train, shard.rank, shard.world, train,
+                           tc.grad_accum if train else 1)
+    return make_loader(ds, sampler, tc.num_workers, shard.pin_memory, persistent=train), sampler
+
+
+def _num_examples(ds) -> Optional[int]:
+    """Size of a streamed split when its metadata says it, else None."""
+    try:
+        return ds.info.splits["train"].num_examples
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+class DataPipeline:
+    """The run's training loader (``micro_batches``) and, where the objective has a test metric and the
+    data a labelled test split, its test loader."""
+
+    def __init__(self, run: RunConfig, source: DataSource, objective_cls, transform, shard: Shard):
+        self.accum = run.train.grad_accum
+        self.micro_batch = shard.micro_batch
+        label = source.label_column if objective_cls.needs_labels else None
+        self.loader, self.position = split_loader(source.train, source, label, transform, run, shard, train=True)
+        if isinstance(self.position, EpochSampler):
+            self.steps_per_epoch = self.position.batches_per_epoch // self.accum
+        else:
+            n = _num_examples(source.train)
+            self.steps_per_epoch = max(1, n // run.train.batch_size) if n else STREAM_EPOCH_STEPS
+        self.test_loader = None
+        if source.test is not None and source.has_labels and objective_cls.has_test_metric:
+            self.test_loader, _ = split_loader(source.test, source, source.label_column,
+                                               eval_transform(run.backbone.img_size), run, shard, train=False)
+
+    def micro_batches(self, start_step: int) -> Iterator[tuple[int, list[dict]]]:
+        """(epoch, the ``grad_accum`` micro-batches) of each optimizer step from ``start_step`` on."""
+        if isinstance(self.position, EpochSampler):
+            return self._epochs(start_step)
+        return self._stream(start_step)
+
+    def _epochs(self, start_step: int) -> Iterator[tuple[int, list[dict]]]:
+        """Map-style: each epoch a new permutation; a resumed epoch starts at its next batch."""
+        epoch, step_in_epoch = divmod(start_step, self.steps_per_epoch)
+        while True:
+            self.position.set_epoch(epoch, start_batch=step_in_epoch * self.accum)
+            yield from ((epoch, group) for group in self._groups())
+            epoch, step_in_epoch = epoch + 1, 0
+
+    def _stream(self, start_step: int) -> Iterator[tuple[int, list[dict]]]:
+        """Streamed: one endless pass that skips what this process already used; epochs count steps."""
+        self.position.set_start(start_step * self.accum * self.micro_batch)
+        for step, group in enumerate(self._groups(), start_step):
+            yield step // self.steps_per_epoch, group
+
+    def _groups(self) -> Iterator[list[dict]]:
+        """The loader's batches, ``grad_accum`` at a time (a partial group at the end is dropped)."""
+        group = []
+        for batch in self.loader:
+            group.append(batch)
+            if len(group) == self.accum:
+                yield group
+                group = []

@@ -34,7 +34,6 @@ import argparse
 import concurrent.futures
 import dataclasses
 import datetime
-import importlib.util
 import json
 import math
 import multiprocessing
@@ -47,20 +46,24 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from PIL import Image
-from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssl_vit.backbone import PRESETS, build_backbone
 from ssl_vit.config import RunConfig, parse_run_config
+from ssl_vit.data import MEAN, STD, DataSource, load_data
 from ssl_vit.errors import ConfigError
-from ssl_vit.data import MEAN, STD, DataSource, EpochSampler, ImageDataset, load_data, make_loader
 from ssl_vit.objectives import OBJECTIVES, DataInfo, StepInfo, get_objective
+from ssl_vit.train.optim import FUSED, build_optimizer
+from ssl_vit.train.pipeline import Shard, split_loader
+from ssl_vit.train.step import optimizer_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (SyncAudit, bf16_peak_tflops, device_slug, median_rate,  # noqa: E402
@@ -152,17 +155,6 @@ def run_config(spec: Spec) -> RunConfig:
         raise ValueError(f"recipes/{spec.objective}.py's settings do not parse: {err}") from None
 
 
-def make_optimizer(module: nn.Module, run: RunConfig, fused: bool) -> torch.optim.Optimizer:
-    """``Trainer``'s optimizer (timm parameter groups, the recipe's settings), fused when asked.
-    The recipe's peak lr, unscaled: its value does not change what a step costs."""
-    tc = run.train
-    kwargs = {"betas": tuple(tc.betas)} if any(k in tc.optimizer for k in ("adam", "lamb")) else {}
-    if fused and "adam" in tc.optimizer:
-        kwargs["fused"] = True  # one kernel for all parameters (CPU since torch 2.4, CUDA)
-    return create_optimizer_v2(module, opt=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay,
-                               layer_decay=tc.layer_decay, **kwargs)
-
-
 def synthetic_batch(transform, batch_size: int, img_size: int, device: torch.device,
                     channels_last: bool = False) -> dict:
     """Random tensors shaped like a collated batch of ``transform``'s output (one tensor, or a
@@ -190,7 +182,7 @@ def build_trainee(spec: Spec) -> Trainee:
         objective = cls(build_backbone(run.backbone), run.objective_config, info).to(device)
         if channels_last:
             objective.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(objective, run, spec.fused)
+        optimizer = build_optimizer(objective, run.train, fused=spec.fused and run.train.optimizer in FUSED)
         return Trainee(spec, objective, lambda m, b: m(b)[0], batch, optimizer, run.train.clip_grad,
                        start_step=lambda i: objective.start_step(i, optimizer),
                        before_optimizer_step=objective.before_optimizer_step, end_step=objective.end_step)
@@ -199,7 +191,7 @@ def build_trainee(spec: Spec) -> Trainee:
         geometry = Geometry.of(build_backbone(run.backbone))
     ref = builder(run, geometry, NUM_CLASSES)
     ref.model.to(device)
-    optimizer = make_optimizer(ref.model, run, spec.fused)
+    optimizer = build_optimizer(ref.model, run.train, fused=spec.fused and run.train.optimizer in FUSED)
     return Trainee(spec, ref.model, ref.loss, batch, optimizer, run.train.clip_grad,
                    start_step=lambda i: None,
                    before_optimizer_step=lambda i: ref.before_optimizer_step(i.step),
@@ -208,25 +200,19 @@ def build_trainee(spec: Spec) -> Trainee:
 
 # ----- one step, the same for every implementation -----
 def train_step(t: Trainee, step: int, audit: Optional[SyncAudit] = None, eager: bool = False) -> None:
-    """forward, backward, clip, the loop's finite check, optimizer step, hooks (``Trainer.run``).
-    ``eager``: run the uncompiled module (what the FLOP counter and the sync audit can see)."""
+    """The trainer's own optimizer step (``ssl_vit.train.step.optimizer_step``: forward and backward,
+    the hooks, clipping, the finite check, the update) on the trainee's batch. ``eager``: run the
+    uncompiled module (what the FLOP counter and the sync audit can see)."""
     info = dataclasses.replace(STEP_HORIZON, step=step)
-    device_type = torch.device(t.spec.device).type
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if t.spec.precision == "bf16" else nullcontext())
-    t.start_step(info)
-    with autocast:
-        loss = t.loss(t.eager if eager else t.module, t.batch)
-    loss.backward()
-    t.before_optimizer_step(info)
-    params = [p for group in t.optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad if t.clip_grad > 0 else math.inf)
-    with audit.ignoring() if audit else nullcontext():
-        if not torch.isfinite(loss.detach() + grad_norm).item():  # Trainer's one host sync per step
-            raise FloatingPointError(f"non-finite loss or gradient at step {step}")
-    with audit.ignoring() if audit else nullcontext():  # its step counters are host tensors on CUDA too
-        t.optimizer.step()
-    t.optimizer.zero_grad(set_to_none=True)
-    t.end_step(info)
+    acc = Accelerator(cpu=t.spec.device == "cpu", mixed_precision=t.spec.precision)
+    module = t.eager if eager else t.module
+    hooks = SimpleNamespace(start_step=lambda i, _: t.start_step(i), before_optimizer_step=t.before_optimizer_step,
+                            end_step=t.end_step)
+    result = optimizer_step(acc, t.eager, hooks, t.optimizer, [dict(t.batch)], info, t.clip_grad,
+                            forward=lambda batch: (t.loss(module, batch), {}),
+                            host_sync=audit.ignoring if audit else nullcontext)  # its syncs are the loop's own
+    if not result.finite:
+        raise FloatingPointError(f"non-finite loss or gradient at step {step}")
 
 
 # ----- measurements -----
@@ -310,9 +296,8 @@ def time_data_pipeline(objective: str, model: str, batch_size: int, batches: int
     info = DataInfo(source.name, source.num_classes, source.class_names, MEAN, STD, run.backbone.img_size)
     transform = cls.train_transform(run.train, run.objective_config, info)
     label = source.label_column if cls.needs_labels else None
-    dataset = ImageDataset(source.train, source.image_column, label, transform, run.train.seed)
-    sampler = EpochSampler(len(dataset), batch_size, run.train.seed)
-    loader = make_loader(dataset, sampler, run.train.num_workers, device.type == "cuda")
+    shard = Shard(micro_batch=batch_size, pin_memory=device.type == "cuda")
+    loader, _ = split_loader(source.train, source, label, transform, run, shard, train=True)  # the trainer's
     t0 = time.perf_counter()
     it = iter(loader)
     next(it)  # worker start-up and the first batch

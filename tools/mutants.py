@@ -88,13 +88,15 @@ def pytest_env(copy: Path, threads: int) -> dict:
 
 
 def run_tests(copy: Path, tests: tuple[str, ...], env: dict, timeout: float) -> tuple[int, str]:
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    """(pytest's exit code, its summary line and the names of failed tests)."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests]
     try:
         done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return -1, f"timed out after {timeout:.0f} s"
     lines = (done.stdout + done.stderr).strip().splitlines()
-    return done.returncode, lines[-1] if lines else ""
+    failed = [line for line in lines if line.startswith("FAILED ")]
+    return done.returncode, "; ".join([lines[-1] if lines else "", *failed])
 
 
 def check_imports_from(copy: Path, env: dict) -> None:

@@ -60,7 +60,8 @@ def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.o
         skipped += batch.pop("skipped", 0)
         batch = to_device(batch, acc.device)
         with nullcontext() if i == n - 1 else acc.no_sync(model):
-            loss, metrics = forward(batch)
+            with acc.autocast():  # a prepared model autocasts itself; a plain one (the benchmark's) here
+                loss, metrics = forward(batch)
             acc.backward(loss / n)
         loss_sum += loss.detach() / n
         for k, v in metrics.items():

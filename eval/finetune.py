@@ -14,8 +14,10 @@ CutMix 1.0, label smoothing 0.1, RandAugment rand-m9-mstd0.5-inc1 (timm), no cli
 ``--img-size`` larger than the checkpoint's keeps the patch size and resamples the position
 embeddings in 2-D. Defaults: batch 512 and 500 steps on a GPU; 64 and 200 steps on a CPU (so a
 run takes minutes); warmup 10% of the steps. Each (checkpoint, data) pair trains in its own run
-folder ``<--out>/finetune-<protocol>-<checkpoint>-<data>`` (config.json, metrics.jsonl, ckpt.pt);
-the reported accuracy is the Trainer's test accuracy at the last step.
+folder ``<--out>/finetune-<protocol>-<checkpoint>-<data>[-<settings>]`` (config.json,
+metrics.jsonl, ckpt.pt), where ``<settings>`` names every setting given on the command line
+(``lr_0.003-steps_500``), so runs that differ only in settings never share a folder; the reported
+accuracy is the Trainer's test accuracy at the last step.
 """
 
 from __future__ import annotations
@@ -62,6 +64,14 @@ CPU_STEPS, CPU_BATCH = 200, 64  # minutes on a laptop CPU
 CROP_SCALE = (0.35, 1.0)  # random resized crop; small images have little to spare (ImageNet: 0.08)
 
 
+def settings_tag(args) -> list[str]:
+    """``name_value`` for each setting given on the command line that shapes the run."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Protocol)}
+    given.update(steps=args.steps, batch=args.batch_size, img=args.img_size, warmup=args.warmup_steps,
+                 seed=args.seed or None, crop=None if tuple(args.crop_scale) == CROP_SCALE else args.crop_scale)
+    return [folder_safe(f"{k}_{v}") for k, v in given.items() if v is not None]
+
+
 def build_run(spec: str, data: str, args, protocol: Protocol) -> RunConfig:
     """The RunConfig of one fine-tuning run: the supervised objective with a zero-initialised head,
     the backbone initialised from ``spec`` at ``--img-size``."""
@@ -77,7 +87,8 @@ def build_run(spec: str, data: str, args, protocol: Protocol) -> RunConfig:
         optimizer=protocol.optimizer, layer_decay=protocol.layer_decay, lr=protocol.lr,
         lr_ref_batch=protocol.lr_ref_batch, warmup_steps=args.warmup_steps, weight_decay=protocol.weight_decay,
         clip_grad=protocol.clip_grad, precision="bf16" if cuda else "no", seed=args.seed,
-        out=os.path.join(args.out, "-".join(["finetune", args.protocol, *map(folder_safe, map(short_name, (spec, data)))])),
+        out=os.path.join(args.out, "-".join(["finetune", args.protocol, folder_safe(short_name(spec)),
+                                             folder_safe(short_name(data)), *settings_tag(args)])),
     )
     objective = SupervisedConfig(label_smoothing=protocol.label_smoothing, mixup=protocol.mixup,
                                  cutmix=protocol.cutmix, zero_head=True)

@@ -21,7 +21,7 @@ from .errors import ConfigError
 
 CHOICES = {"precision": ("no", "bf16", "fp16"), "lr_scaling": ("linear", "sqrt"), "on_nonfinite": ("stop", "skip")}
 AT_LEAST = {"steps": 0, "batch_size": 1, "grad_accum": 1, "log_every": 1, "save_every": 0, "eval_every": 0,
-            "num_workers": 0}  # 0 for save_every / eval_every: at the end only
+            "num_workers": 0, "max_skipped_steps": 1}  # 0 for save_every / eval_every: at the end only
 
 
 @dataclass
@@ -60,6 +60,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # test metric every N steps (0: at the end only)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
+    max_skipped_steps: int = 10  # with --on-nonfinite skip: stop after this many non-finite steps in a row
     compile: bool = False  # torch.compile the objective
 
     def __post_init__(self):

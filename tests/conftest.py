@@ -53,6 +53,17 @@ def launch_processes(num_processes: int, objective: str, argv: list[str], timeou
     return done
 
 
+def small_digits(folder, n_train: int = 40, n_test: int = 20) -> str:
+    """A Parquet data folder of the first digits: at batch 8, 5 steps per epoch."""
+    from ssl_vit.data import load_data
+
+    src = load_data("default")
+    folder.mkdir()
+    src.train.select(range(n_train)).to_parquet(str(folder / "digits-train.parquet"))
+    src.test.select(range(n_test)).to_parquet(str(folder / "digits-test.parquet"))
+    return str(folder)
+
+
 @pytest.fixture
 def cifar10_dir():
     path = SHARED_DATA / "cifar10"

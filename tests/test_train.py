@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launch_processes, tiny_vit
+from conftest import launch_processes, small_digits, tiny_vit
 from ssl_vit.checkpoint import load_backbone, load_checkpoint, objective_state
 from ssl_vit.data import MEAN, STD, EpochSampler, ImageDataset, load_data, make_loader, train_transform
 from ssl_vit.objectives import DataInfo, load_objective
@@ -222,15 +222,6 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
     one = load_checkpoint(run_recipe("supervised", {}, argv=[*argv, "--out", str(tmp_path / "one")]))
     assert two["step"] == 3
     assert_same_weights(two, one, rtol=1e-4)
-
-
-def small_digits(folder, n_train: int = 40, n_test: int = 20) -> str:
-    """A Parquet data folder of the first digits: at batch 8, 5 steps per epoch."""
-    src = load_data("default")
-    folder.mkdir()
-    src.train.select(range(n_train)).to_parquet(str(folder / "digits-train.parquet"))
-    src.test.select(range(n_test)).to_parquet(str(folder / "digits-test.parquet"))
-    return str(folder)
 
 
 def _records(run) -> list[dict]:

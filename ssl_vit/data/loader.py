@@ -12,6 +12,7 @@ import io
 import random
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import torch
 from PIL import Image
 from datasets import Dataset, Image as ImageFeature, IterableDataset
@@ -26,6 +27,22 @@ from .sources import DataError
 
 class BadImageError(DataError):
     """An image that cannot be decoded; names the file (or row) and the way to skip it."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB image. 16- and 32-bit greyscale images are scaled to 8 bits first (Pillow's own
+    conversion clips them, so every ordinary 16-bit PNG would become solid white): ``I;16*`` and ``I``
+    by the 16-bit range (``I`` by its maximum when that is larger), ``F`` as it is when in [0, 1],
+    else from its minimum to its maximum."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            low, high = (0.0, 1.0) if values.min() >= 0 and values.max() <= 1 else (values.min(), values.max())
+        else:
+            low, high = 0.0, max(65535.0, float(values.max()))
+        scaled = (values - low) / max(high - low, 1e-12)
+        img = Image.fromarray(np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 def _seed_for(seed: int, epoch: int, index: int) -> int:
@@ -55,7 +72,7 @@ class ExampleMaker:
                 img = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
             else:
                 raise TypeError(f"expected image bytes, a path or a PIL image, got {type(value).__name__}")
-            return img.convert("RGB")  # forces the full decode, so a truncated file fails here
+            return to_rgb(img)  # forces the full decode, so a truncated file fails here
         except Exception as err:
             raise BadImageError(
                 f"cannot read image {where}: {err}. Pass --skip-bad-images to skip unreadable "

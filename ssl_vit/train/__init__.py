@@ -28,7 +28,7 @@ from ..objectives import DataInfo, Objective, StepInfo, get_objective
 from .metrics_log import MetricLog
 from .optim import build_optimizer, build_schedule, scaled_lr
 from .pipeline import DataPipeline, Shard
-from .run_folder import CKPT_FILE, StateFolder, check_or_write_config, default_out
+from .run_folder import CKPT_FILE, RunLock, StateFolder, check_config, default_out, write_config
 from .step import StepResult, optimizer_step, to_device
 
 __all__ = ["NonFiniteError", "Trainer", "default_out", "run_recipe", "train"]
@@ -54,9 +54,7 @@ class Trainer:
         shard = self._shard()
         set_seed(tc.seed)
         if self.acc.is_main_process:
-            os.makedirs(self.out, exist_ok=True)
-            check_or_write_config(self.out, run)
-        self.acc.wait_for_everyone()
+            check_config(self.out, run)  # reads only: nothing is written before every check has passed
         self.source = load_data(tc.data, tc.image_column, tc.label_column, tc.streaming)
         objective_cls = get_objective(run.objective)
         if objective_cls.needs_labels and not self.source.has_labels:
@@ -73,9 +71,14 @@ class Trainer:
         self.scheduler = build_schedule(optimizer, tc)
         model = torch.compile(self.objective) if tc.compile else self.objective
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.state = StateFolder(self.out, self.acc)
-        self.log = MetricLog(self.acc, self.out)
-        self.skipped_steps = self.skipped_images = 0
+        self.state, self.log = StateFolder(self.out, self.acc), MetricLog(self.acc, self.out)
+        self.lock = RunLock(self.out)
+        self.skipped_steps = self.skipped_in_a_row = self.skipped_images = 0
+        if self.acc.is_main_process:  # every setting, the data and --init checked: the folder is written
+            os.makedirs(self.out, exist_ok=True)
+            self.lock.acquire()
+            write_config(self.out, run)
+        self.acc.wait_for_everyone()
 
     def _shard(self) -> Shard:
         tc, acc = self.run_cfg.train, self.acc
@@ -126,13 +129,17 @@ class Trainer:
 
     # ----- the loop -----
     def _handle_nonfinite(self, step: int, result: StepResult) -> None:
-        """--on-nonfinite stop: raise before anything is saved; skip: count the skipped step."""
-        if self.run_cfg.train.on_nonfinite == "stop":
+        """--on-nonfinite stop: raise before anything is saved; skip: count the skipped step, and stop
+        after --max-skipped-steps in a row."""
+        tc = self.run_cfg.train
+        self.skipped_in_a_row += 1
+        if tc.on_nonfinite == "stop" or self.skipped_in_a_row > tc.max_skipped_steps:
+            in_a_row = f" after skipping {tc.max_skipped_steps} in a row" if tc.on_nonfinite == "skip" else ""
             raise NonFiniteError(
-                f"non-finite loss or gradient at step {step} (loss {result.loss.item()}, grad norm "
+                f"non-finite loss or gradient at step {step}{in_a_row} (loss {result.loss.item()}, grad norm "
                 f"{result.grad_norm.item()}); nothing was saved from it. Last good state: "
-                f"{self.state.latest() or 'none'}. Lower --lr, use --precision bf16 instead of fp16, "
-                "or pass --on-nonfinite skip")
+                f"{self.state.latest() or 'none'}. Start a new run (--out) with a lower --lr, use --precision bf16 "
+                "instead of fp16, or pass --on-nonfinite skip")
         self.skipped_steps += 1
         self.acc.print(f"step {step}: non-finite loss or gradient, step skipped ({self.skipped_steps} so far)")
 
@@ -146,7 +153,7 @@ class Trainer:
         if tc.eval_every and step % tc.eval_every == 0 and step < end:
             self._report(self.evaluate(), step, f"step {step}: ")
         if (tc.save_every and step % tc.save_every == 0) or step == end:
-            self.state.save(step)
+            self.state.save(step, self.skipped_steps)
 
     def _report(self, results: Optional[dict], step: int, prefix: str = "", suffix: str = "") -> None:
         if results:
@@ -159,7 +166,8 @@ class Trainer:
         bar = tqdm(total=end, initial=min(step, end), desc=self.run_cfg.objective,
                    disable=not self.acc.is_local_main_process)
         self.model.train()
-        for epoch, group in self.data.micro_batches(step) if step < end else ():
+        # the batches of skipped steps were used up too
+        for epoch, group in self.data.micro_batches(step + self.skipped_steps) if step < end else ():
             info = StepInfo(step, tc.steps, epoch, self.steps_per_epoch)
             self.scheduler.step_update(step + 1)  # lr of this step: warmup from lr/warmup, cosine to min_lr
             result = optimizer_step(self.acc, self.model, objective, self.optimizer, group, info, tc.clip_grad)
@@ -168,6 +176,7 @@ class Trainer:
                 self._handle_nonfinite(step, result)
                 continue
             self.log.add(result)
+            self.skipped_in_a_row = 0
             step += 1
             bar.update(1)
             self._after_step(step, end, epoch, bar)
@@ -177,10 +186,17 @@ class Trainer:
         return step
 
     def run(self) -> str:
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> str:
         tc, acc = self.run_cfg.train, self.acc
-        step = self.state.load()
+        step, self.skipped_steps = self.state.load()
         if step:
             acc.print(f"resuming {self.out} at step {step}/{tc.steps}")
+            self.log.truncate_after(step)
         acc.init_trackers(os.path.basename(os.path.normpath(self.out)))
         step = self._train(step, min(tc.steps, tc.stop_at) if tc.stop_at is not None else tc.steps)
         if tc.steps == 0 and self.state.latest() is None:

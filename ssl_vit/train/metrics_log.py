@@ -10,6 +10,7 @@ import time
 import torch
 from accelerate import Accelerator
 
+from ..checkpoint import atomic_write
 from .run_folder import METRICS_FILE
 from .step import StepResult
 
@@ -39,6 +40,15 @@ class MetricLog:
         self.write(record)
         self._reset()
         return record
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (written before a kill, re-run on resume): each step
+        is then logged once. Main process only."""
+        if not self.acc.is_main_process or not os.path.exists(self.path):
+            return
+        with open(self.path) as fh:
+            kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write(self.path, lambda tmp: open(tmp, "w").write("".join(kept)))
 
     def write(self, record: dict) -> None:
         if self.acc.is_main_process:

@@ -1,11 +1,13 @@
-"""The run folder: its resolved settings, its resumable state and its default name.
+"""The run folder: its resolved settings, its resumable state, its lock and its default name.
 
-``config.json`` (a folder holding another run is refused), ``state/step-N`` written by
-``accelerator.save_state`` behind a ``latest`` pointer (atomic: a crash never leaves a half state).
+``config.json`` (a folder whose saved state belongs to another run is refused), ``state/step-N``
+written by ``accelerator.save_state`` behind a ``latest`` pointer (atomic: a crash never leaves a
+half state), and ``.lock``, held by the one process that trains in the folder.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -13,7 +15,7 @@ from typing import Optional
 
 from accelerate import Accelerator
 
-from ..checkpoint import atomic_write
+from ..checkpoint import CheckpointError, atomic_write
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..names import folder_safe, short_name
@@ -21,7 +23,7 @@ from ..names import folder_safe, short_name
 CONFIG_FILE, METRICS_FILE, CKPT_FILE, STATE_DIR = "config.json", "metrics.jsonl", "ckpt.pt", "state"
 # Settings that may change between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = {"out", "save_every", "log_every", "eval_every", "num_workers", "compile", "skip_bad_images",
-                     "stop_at"}
+                     "stop_at", "max_skipped_steps"}
 
 
 def default_out(run: RunConfig) -> str:
@@ -35,11 +37,12 @@ def _flat(d: dict) -> dict:
     return out
 
 
-def check_or_write_config(out: str, run: RunConfig) -> None:
-    """Save the resolved config; refuse to resume a folder that holds a different run."""
+def check_config(out: str, run: RunConfig) -> None:
+    """Refuse a folder whose saved state belongs to a run with other settings. A folder with no
+    saved state (a start that failed, say) takes the new settings."""
     path = os.path.join(out, CONFIG_FILE)
     new = json.loads(json.dumps(run.to_dict()))
-    if os.path.exists(path):
+    if os.path.exists(path) and os.path.exists(os.path.join(out, STATE_DIR, "latest")):
         with open(path) as fh:
             old = json.load(fh)
         if old.get("objective") != new["objective"]:
@@ -50,7 +53,38 @@ def check_or_write_config(out: str, run: RunConfig) -> None:
         if diff:
             lines = ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in sorted(diff.items()))
             raise ConfigError(f"{out} holds a run with other settings ({lines}); pass a new --out or delete it")
-    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(new, indent=2)))
+
+
+def write_config(out: str, run: RunConfig) -> None:
+    """Save the resolved settings (after every check has passed: nothing is written before)."""
+    text = json.dumps(json.loads(json.dumps(run.to_dict())), indent=2)
+    atomic_write(os.path.join(out, CONFIG_FILE), lambda tmp: open(tmp, "w").write(text))
+
+
+class RunLock:
+    """One run per folder: an exclusive lock on ``out/.lock`` while a run trains there. The operating
+    system releases it when the process ends, a crash or a kill included, so it never goes stale."""
+
+    def __init__(self, out: str):
+        self.path, self.fd = os.path.join(out, ".lock"), None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"another run is training in {os.path.dirname(self.path)} (process {holder}); "
+                              "wait for it to finish, or pass another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
 
 
 class StateFolder:
@@ -64,10 +98,16 @@ class StateFolder:
         if not os.path.exists(pointer):
             return None
         with open(pointer) as fh:
-            path = os.path.join(self.root, fh.read().strip())
-        return path if os.path.isdir(path) else None
+            name = fh.read().strip()
+        path = os.path.join(self.root, name)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{pointer} names {name}, which is missing: restore it, or delete {self.root} "
+                                  "to train from step 0")
+        return path
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, skipped_steps: int = 0) -> None:
+        """The state after optimizer step ``step``; ``skipped_steps``: the non-finite steps skipped so
+        far, whose batches were used up too (the data position is ``step + skipped_steps``)."""
         name = f"step-{step}"
         tmp, final = os.path.join(self.root, f".{name}.tmp"), os.path.join(self.root, name)
         if self.acc.is_main_process and os.path.exists(tmp):
@@ -76,7 +116,7 @@ class StateFolder:
         self.acc.save_state(tmp)  # model, optimizer, scaler, every process's RNG
         if self.acc.is_main_process:
             with open(os.path.join(tmp, "progress.json"), "w") as fh:
-                json.dump({"step": step}, fh)
+                json.dump({"step": step, "skipped_steps": skipped_steps}, fh)
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -86,10 +126,12 @@ class StateFolder:
                     shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
         self.acc.wait_for_everyone()
 
-    def load(self) -> int:
+    def load(self) -> tuple[int, int]:
+        """(step, skipped steps) of the latest saved state, loaded into the accelerator; (0, 0) if none."""
         path = self.latest()
         if path is None:
-            return 0
+            return 0, 0
         self.acc.load_state(path)
         with open(os.path.join(path, "progress.json")) as fh:
-            return int(json.load(fh)["step"])
+            progress = json.load(fh)
+        return int(progress["step"]), int(progress.get("skipped_steps", 0))

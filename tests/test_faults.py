@@ -1,0 +1,144 @@
+"""Faults and bad inputs a new user hits: each a clear error or a correct run, never a silent one."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import small_digits
+from ssl_vit.checkpoint import CheckpointError, load_checkpoint
+from ssl_vit.config import ConfigError
+from ssl_vit.data.loader import to_rgb
+from ssl_vit.objectives.supervised import Supervised
+from ssl_vit.train import NonFiniteError, run_recipe
+from ssl_vit.train.run_folder import RunLock
+
+TINY = ["--model", "vit_tiny", "--depth", "1", "--patch-size", "4", "--img-size", "16", "--batch-size", "8",
+        "--num-workers", "0", "--log-every", "1"]
+
+
+def _run(out, *extra):
+    return run_recipe("supervised", {}, argv=[*TINY, "--out", str(out), *extra])
+
+
+def test_a_failed_start_writes_nothing_and_the_corrected_command_runs(tmp_path):
+    with pytest.raises(Exception, match="no/such/data"):
+        _run(tmp_path / "run", "--steps", "1", "--data", str(tmp_path / "no/such/data"))
+    assert not (tmp_path / "run").exists()
+    assert load_checkpoint(_run(tmp_path / "run", "--steps", "1"))["step"] == 1
+    # a folder whose config.json has no saved state behind it takes new settings
+    os.remove(tmp_path / "run" / "state" / "latest")
+    assert load_checkpoint(_run(tmp_path / "run", "--steps", "1", "--lr", "0.5"))["train_config"]["lr"] == 0.5
+
+
+def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    holder = RunLock(str(tmp_path / "run"))
+    holder.acquire()
+    try:
+        with pytest.raises(ConfigError, match=f"another run is training in {tmp_path / 'run'} \\(process {os.getpid()}\\)"):
+            _run(tmp_path / "run", "--steps", "1")
+        assert not (tmp_path / "run" / "config.json").exists()
+    finally:
+        holder.release()
+    _run(tmp_path / "run", "--steps", "1")  # free again; a run that raised released it too
+    with pytest.raises(ConfigError):
+        _run(tmp_path / "run", "--steps", "1", "--lr", "0.5")  # refused for its settings, lock released
+    _run(tmp_path / "run", "--steps", "1")
+
+
+def test_a_latest_pointer_to_a_missing_state_is_an_error_not_a_restart(tmp_path):
+    _run(tmp_path / "run", "--steps", "2", "--stop-at", "1")
+    (tmp_path / "run" / "state" / "latest").write_text("step-7")
+    with pytest.raises(CheckpointError, match="names step-7, which is missing"):
+        _run(tmp_path / "run", "--steps", "2")
+
+
+def test_steps_logged_before_a_kill_are_logged_once_after_resuming(tmp_path):
+    _run(tmp_path / "run", "--steps", "4", "--stop-at", "2")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as fh:  # what a killed run had logged past its state
+        fh.write(json.dumps({"step": 3, "epoch": 0, "loss": 9.0}) + "\n")
+    _run(tmp_path / "run", "--steps", "4")
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl") if "loss" in line]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_outputs_are_readable_by_others_as_open_would_make_them(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = _run(tmp_path / "run", "--steps", "0")
+    finally:
+        os.umask(old)
+    for name in (path, tmp_path / "run" / "config.json"):
+        assert os.stat(name).st_mode & 0o777 == 0o644
+
+
+def _always_nan(monkeypatch):
+    forward = Supervised.forward
+    monkeypatch.setattr(Supervised, "forward", lambda self, batch: (lambda out: (out[0] * float("nan"), out[1]))(
+        forward(self, batch)))
+
+
+@pytest.mark.timeout(120)
+def test_skipping_non_finite_steps_stops_after_a_run_of_them(tmp_path, monkeypatch):
+    _always_nan(monkeypatch)
+    with pytest.raises(NonFiniteError, match="at step 0 after skipping 3 in a row"):
+        _run(tmp_path / "run", "--steps", "4", "--on-nonfinite", "skip", "--max-skipped-steps", "3")
+
+
+def test_a_resumed_run_with_a_skipped_step_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+    """The skipped step used up its batches: the resumed run continues after them, not on them again."""
+    data = ["--data", small_digits(tmp_path / "data"), "--steps", "8"]
+    forward, seen = Supervised.forward, []
+
+    def record(self, batch):
+        seen.append(int(batch["index"][0]))
+        return forward(self, batch)
+
+    monkeypatch.setattr(Supervised, "forward", record)
+    _run(tmp_path / "probe", *data, "--steps", "2")
+    poison = seen[1]  # the first example of step 1's batch
+
+    def nan_on_that_batch(self, batch):
+        loss, metrics = forward(self, batch)
+        return (loss * float("nan") if self.training and int(batch["index"][0]) == poison else loss), metrics
+
+    monkeypatch.setattr(Supervised, "forward", nan_on_that_batch)
+    skip = [*data, "--on-nonfinite", "skip"]
+    whole = load_checkpoint(_run(tmp_path / "whole", *skip))
+    _run(tmp_path / "run", *skip, "--stop-at", "4")
+    resumed = load_checkpoint(_run(tmp_path / "run", *skip))
+    assert whole["step"] == resumed["step"] == 8
+    for k, v in whole["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("mode, values", [("I;16", np.arange(0, 65536, 16, dtype=np.uint16)),
+                                          ("F", np.linspace(0.0, 1.0, 4096, dtype=np.float32))])
+def test_16_bit_and_float_images_keep_their_levels(mode, values):
+    image = Image.fromarray(values.reshape(64, 64))
+    assert image.mode == mode
+    if mode == "I;16":  # the way such a file arrives: a 16-bit PNG
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        image = Image.open(io.BytesIO(buf.getvalue()))
+        assert image.mode == "I;16"
+    rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (64, 64, 3) and rgb.min() == 0 and rgb.max() == 255
+    assert len(np.unique(rgb)) == 256  # every 8-bit level, not a solid white image
+
+
+def test_finetune_runs_that_differ_only_in_settings_get_their_own_folders(tmp_path):
+    from eval import finetune
+
+    ckpt = _run(tmp_path / "pre", "--steps", "0")
+    common = [ckpt, "--data", "default", "--steps", "1", "--batch-size", "8", "--num-workers", "0",
+              "--out", str(tmp_path / "ft")]
+    (first,) = finetune.main(common)
+    (second,) = finetune.main([*common, "--lr", "0.003"])
+    assert first["run"] != second["run"] and second["run"].endswith("-lr_0_003-steps_1-batch_8")
+    assert second["lr"] == 0.003

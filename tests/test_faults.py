@@ -3,6 +3,12 @@
 import io
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +23,7 @@ from ssl_vit.objectives.supervised import Supervised
 from ssl_vit.train import NonFiniteError, run_recipe
 from ssl_vit.train.run_folder import RunLock
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "vit_tiny", "--depth", "1", "--patch-size", "4", "--img-size", "16", "--batch-size", "8",
         "--num-workers", "0", "--log-every", "1"]
 
@@ -142,3 +149,62 @@ def test_finetune_runs_that_differ_only_in_settings_get_their_own_folders(tmp_pa
     (second,) = finetune.main([*common, "--lr", "0.003"])
     assert first["run"] != second["run"] and second["run"].endswith("-lr_0_003-steps_1-batch_8")
     assert second["lr"] == 0.003
+
+
+def _launch(launcher: list[str], out, steps: int, env: dict) -> subprocess.Popen:
+    cmd = [*launcher, str(ROOT / "recipes" / "supervised.py"), *TINY, "--steps", str(steps), "--out", str(out)]
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_a_launch_whose_processes_would_each_train_alone_is_refused(tmp_path):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    launched = _launch([torchrun, "--nproc_per_node", "2", "--master_port", _free_port()], tmp_path / "run", 2, {})
+    _, err = launched.communicate(timeout=300)
+    assert launched.returncode != 0
+    assert "launched as one of 2 (WORLD_SIZE=2) but Accelerate runs it alone" in err
+    assert "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2" in err
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def _processes_writing_to(out) -> list[int]:
+    """Live processes whose command line names ``out`` (Linux /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+            state = open(f"/proc/{entry}/stat").read().split(") ")[-1][0]
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and str(out) in cmdline and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_workers_end_when_their_launcher_is_killed(tmp_path):
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--main_process_port", _free_port(), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launched = _launch(launcher, tmp_path / "run", 100_000, {"ACCELERATE_USE_CPU": "true"})
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline and launched.poll() is None:
+        time.sleep(0.1)
+    assert launched.poll() is None, launched.communicate()[1][-2000:]
+    workers = [pid for pid in _processes_writing_to(tmp_path / "run") if pid != launched.pid]
+    assert len(workers) >= 2
+    launched.kill()  # SIGKILL: the launcher cannot pass anything on
+    launched.wait()
+    deadline = time.time() + 30
+    while any(pid in _processes_writing_to(tmp_path / "run") for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    orphans = [pid for pid in workers if pid in _processes_writing_to(tmp_path / "run")]
+    for pid in orphans:  # leave no trainer behind, whatever the verdict
+        os.kill(pid, signal.SIGKILL)
+    assert not orphans

@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..objectives import DataInfo, Objective, StepInfo, get_objective
 from .metrics_log import MetricLog
 from .optim import build_optimizer, build_schedule, scaled_lr
+from .launch import check_launch, die_with_launcher
 from .pipeline import DataPipeline, Shard
 from .run_folder import CKPT_FILE, RunLock, StateFolder, check_config, default_out, write_config
 from .step import StepResult, optimizer_step, to_device
@@ -50,7 +51,9 @@ class Trainer:
     def __init__(self, run: RunConfig):
         self.run_cfg, tc = run, run.train
         self.out = tc.out or default_out(run)
+        die_with_launcher()
         self.acc = Accelerator(mixed_precision=tc.precision, log_with="tensorboard", project_dir=self.out)
+        check_launch(self.acc)
         shard = self._shard()
         set_seed(tc.seed)
         if self.acc.is_main_process:

@@ -1,0 +1,36 @@
+"""Launches that cannot train correctly, refused before anything runs; workers that end with their launcher."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+from accelerate import Accelerator
+
+from ..errors import ConfigError
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def check_launch(acc: Accelerator) -> None:
+    """Refuse processes that a launcher started as several but that Accelerate runs as one each
+    (``torchrun`` on CPUs, or ``accelerate launch --cpu --num_processes N``): each would train
+    alone and all would write into the same run folder."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and acc.num_processes == 1:
+        raise ConfigError(
+            f"this process was launched as one of {world} (WORLD_SIZE={world}) but Accelerate runs it alone, "
+            f"so each process would train on its own: launch with accelerate launch --multi_gpu --num_processes "
+            f"{world} (on CPUs: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {world})")
+
+
+def die_with_launcher() -> None:
+    """A worker started by a launcher (``LOCAL_RANK`` set) gets SIGTERM when its launcher dies, so a
+    killed ``torchrun`` or ``accelerate launch`` leaves no process writing into the run folder
+    (Linux only: ``prctl(PR_SET_PDEATHSIG)``; elsewhere nothing is done)."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -115,8 +115,14 @@ def _add_fields(parser: argparse.ArgumentParser, cls, defaults: dict, group: str
 
 
 def _read_config_file(path: str) -> dict:
-    with open(path, "rb") as fh:
-        data = tomllib.load(fh) if path.endswith(".toml") else json.load(fh)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh) if path.endswith(".toml") else json.load(fh)
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err.strerror})") from err
+    except (ValueError, tomllib.TOMLDecodeError) as err:  # json's errors are ValueErrors
+        kind = "TOML" if path.endswith(".toml") else "JSON"
+        raise ConfigError(f"--config {path} is not valid {kind}: {err}") from err
     flat = {}
     for key, value in data.items():  # accept both a flat file and a saved config.json
         if isinstance(value, dict):
@@ -124,6 +130,36 @@ def _read_config_file(path: str) -> dict:
         else:
             flat[key] = value
     return {k.replace("-", "_"): v for k, v in flat.items() if k != "objective"}
+
+
+KIND_NAMES = {int: "whole number", float: "number", bool: "boolean (true or false)", str: "string"}
+
+
+def _unwrap_optional(tp):
+    """(X, whether None is allowed) for Optional[X]; (tp, False) otherwise."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _typed(name: str, value, tp, path: str):
+    """``value`` from a config file as the field's type, or a ConfigError naming the setting and the file."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None and optional:
+        return None
+    kinds = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(kinds):
+            return tuple(_typed(name, v, k, path) for v, k in zip(value, kinds))
+        wanted = f"a list of {len(kinds)} {KIND_NAMES[kinds[0]]}s"
+    else:
+        if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+            return value
+        wanted = f"a {KIND_NAMES[tp]}"
+    raise ConfigError(f"{name} = {value!r} in {path}: expected {wanted}{' or null' if optional else ''}")
 
 
 def parse_run_config(objective: str, objective_config_cls, defaults: Optional[dict] = None,
@@ -135,7 +171,6 @@ def parse_run_config(objective: str, objective_config_cls, defaults: Optional[di
     pre.add_argument("--patch-size")  # named by the user (as --patch-size N or --patch-size=N)?
     known, _ = pre.parse_known_args(argv)
     file_settings = _read_config_file(known.config) if known.config else {}
-    defaults.update(file_settings)
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      allow_abbrev=False)  # --step is not --steps
@@ -144,6 +179,9 @@ def parse_run_config(objective: str, objective_config_cls, defaults: Optional[di
     names = [f.name for cls, _ in groups for f in dataclasses.fields(cls)]
     dup = {n for n in names if names.count(n) > 1}
     assert not dup, f"config fields defined twice: {dup}"
+    hints = {f.name: typing.get_type_hints(cls)[f.name] for cls, _ in groups for f in dataclasses.fields(cls)}
+    defaults.update({k: _typed(k, v, hints[k], known.config) for k, v in file_settings.items() if k in hints})
+    defaults.update({k: v for k, v in file_settings.items() if k not in hints})  # refused below, by name
     unknown = set(defaults) - set(names)
     if unknown:
         raise ConfigError(f"unknown settings {sorted(unknown)} (from the recipe or --config); "

@@ -46,3 +46,34 @@ def test_abbreviated_flags_are_refused(capsys):
     with pytest.raises(SystemExit):
         parse_run_config("supervised", SupervisedConfig, {}, argv=["--step", "2"])
     assert "unrecognized arguments: --step 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps = 2.7", r"steps = 2.7 in .*run.toml: expected a whole number"),
+    ('hflip = "no"', r"hflip = 'no' in .*run.toml: expected a boolean \(true or false\)"),
+    ("crop_scale = 0.5", r"crop_scale = 0.5 in .*run.toml: expected a list of 2 numbers"),
+    ('init = 3', r"init = 3 in .*run.toml: expected a string or null"),
+    ("steps = = 3", r"--config .*run.toml is not valid TOML"),
+])
+def test_config_file_values_are_checked_against_their_types(tmp_path, text, message):
+    path = tmp_path / "run.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config("supervised", SupervisedConfig, {}, argv=["--config", str(path)])
+
+
+def test_config_file_values_of_the_right_type_are_used(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"train": {"steps": 3, "lr": 1, "crop_scale": [0.5, 1]}, "backbone": {"patch_size": null}}')
+    run = parse_run_config("supervised", SupervisedConfig, {}, argv=["--config", str(path)])
+    assert (run.train.steps, run.train.lr, run.train.crop_scale) == (3, 1.0, (0.5, 1.0))
+    assert isinstance(run.train.lr, float)
+
+
+def test_a_runs_saved_config_json_is_a_valid_config_file(tmp_path):
+    from ssl_vit.train import run_recipe
+
+    run_recipe("dino", argv=["--steps", "0", "--depth", "1", "--out-dim", "32", "--num-workers", "0",
+                             "--out", str(tmp_path / "run")])
+    again = parse_run_config("dino", DINOConfig, {}, argv=["--config", str(tmp_path / "run" / "config.json")])
+    assert again.objective_config.out_dim == 32 and again.backbone.depth == 1

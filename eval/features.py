@@ -59,6 +59,8 @@ def feature_parser(description: str) -> argparse.ArgumentParser:
                         help="use a fixed random subset of N training images (a quick look on a slow machine)")
     parser.add_argument("--max-test", type=positive_int, default=None, metavar="N",
                         help="use a fixed random subset of N test images")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out unreadable images (counted) instead of stopping at the first")
     return parser
 
 
@@ -103,14 +105,22 @@ def extract(backbone: Backbone, dataset: ImageDataset, batch_size: int, num_work
     sampler = EpochSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
     loader = make_loader(dataset, sampler, num_workers, pin_memory=device.type == "cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    feats, labels = [], []
+    feats, labels, skipped = [], [], 0
     with tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr) as bar:
         for batch in loader:
+            skipped += batch["skipped"]
+            bar.update(batch["skipped"])
+            if "image" not in batch:  # every image of this batch was unreadable
+                continue
             with autocast:
                 out = backbone(batch["image"].to(device, non_blocking=True))
             feats.append(out.float().cpu())
             labels.append(batch["label"])
             bar.update(len(out))
+    if skipped:
+        print(f"{desc}: left out {skipped} unreadable images (--skip-bad-images)", file=sys.stderr)
+    if not feats:
+        raise EvalError(f"{desc}: no readable image")
     return torch.cat(feats), torch.cat(labels).long()
 
 
@@ -118,7 +128,7 @@ class FeatureExtractor:
     """One checkpoint's backbone, ready to produce (cached) features for any data set."""
 
     def __init__(self, spec: str, device: torch.device, cache_dir: str, batch_size: int = 256,
-                 num_workers: int = 2):
+                 num_workers: int = 2, skip_bad_images: bool = False):
         self.spec, self.device = spec, device
         self.backbone, info = load_backbone(spec)  # CheckpointError for missing or foreign files
         self.backbone.to(device)
@@ -127,13 +137,13 @@ class FeatureExtractor:
         self.img_size = self.backbone.cfg.img_size
         self.digest = checkpoint_digest(spec)
         self.cache_dir = os.path.expanduser(cache_dir)
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.skip_bad_images = batch_size, num_workers, skip_bad_images
 
     def cache_path(self, data: str, split: str, limit: Optional[int], columns: tuple) -> str:
         key = json.dumps({
             "version": FEATURES_VERSION, "checkpoint": self.digest, "data": data_identity(data),
             "columns": columns, "split": split, "limit": limit, "img_size": self.img_size,
-            "mean": self.mean, "std": self.std,
+            "mean": self.mean, "std": self.std, "skip_bad_images": self.skip_bad_images,
         }, sort_keys=True)
         return os.path.join(self.cache_dir, hashlib.sha256(key.encode()).hexdigest()[:40] + ".safetensors")
 
@@ -144,11 +154,9 @@ class FeatureExtractor:
         out = {}
         for split, limit in (("train", max_train), ("test", max_test)):
             path = self.cache_path(data, split, limit, (image_column, label_column))
-            if os.path.exists(path):
-                with safe_open(path, "pt") as fh:
-                    num_classes = int(fh.metadata()["num_classes"])
-                tensors = load_file(path)
-                out[split] = (tensors["features"], tensors["labels"])
+            cached = read_cache(path)
+            if cached is not None:
+                out[split], num_classes = cached[:2], cached[2]
                 continue
             source = source or labelled_source(data, image_column, label_column)
             num_classes = source.num_classes
@@ -156,7 +164,8 @@ class FeatureExtractor:
             if len(ds) == 0:
                 raise EvalError(f"the {split} split of {data} is empty")
             dataset = ImageDataset(ds, source.image_column, source.label_column,
-                                   eval_transform(self.img_size, self.mean, self.std), split=split)
+                                   eval_transform(self.img_size, self.mean, self.std), split=split,
+                                   skip_bad_images=self.skip_bad_images)
             feats, labels = extract(self.backbone, dataset, self.batch_size, self.num_workers, self.device,
                                     f"features {split} {os.path.basename(self.spec)}")
             check_labels(labels, num_classes, data, split)
@@ -165,6 +174,22 @@ class FeatureExtractor:
             atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
             out[split] = (feats, labels)
         return Features(*out["train"], *out["test"], num_classes)
+
+
+def read_cache(path: str) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(features, labels, number of classes) of a cache entry, or None when there is none. A corrupt
+    entry (a write cut short elsewhere, a disk fault) is removed and rebuilt, never an error."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with safe_open(path, "pt") as fh:
+            num_classes = int(fh.metadata()["num_classes"])
+        tensors = load_file(path)
+        return tensors["features"], tensors["labels"], num_classes
+    except Exception as err:  # safetensors raises its own error types, plus OSError, KeyError, TypeError
+        print(f"feature cache {path} is unreadable ({type(err).__name__}); extracting again", file=sys.stderr)
+        os.remove(path)
+        return None
 
 
 def labelled_source(data: str, image_column: Optional[str], label_column: Optional[str]) -> DataSource:
@@ -181,19 +206,21 @@ def labelled_source(data: str, image_column: Optional[str], label_column: Option
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, data: str, split: str) -> None:
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if len(bad):
-        raise EvalError(
-            f"the {split} split of {data} has {len(bad)} labels outside 0..{num_classes - 1} "
-            f"(e.g. {int(bad[0])}; -1 usually marks an unlabelled split): evaluation needs labels"
-        )
+    if (labels < 0).any():
+        raise EvalError(f"the {split} split of {data} has {int((labels < 0).sum())} negative labels (-1 usually "
+                        "marks an unlabelled split): evaluation needs labels")
+    unseen = sorted(set(labels[labels >= num_classes].tolist()))
+    if unseen:
+        raise EvalError(f"the {split} split of {data} has classes {unseen[:5]} that the training split does not "
+                        f"(its classes are 0..{num_classes - 1}): evaluate on splits with the same classes")
 
 
 def each_features(args: argparse.Namespace) -> Iterator[tuple[str, str, Features]]:
     """(checkpoint, data, features) for every checkpoint and data set of the command line."""
     device = resolve_device(args.device)
     for spec in args.checkpoints:
-        extractor = FeatureExtractor(spec, device, args.cache_dir, args.batch_size, args.num_workers)
+        extractor = FeatureExtractor(spec, device, args.cache_dir, args.batch_size, args.num_workers,
+                                     args.skip_bad_images)
         for data in data_specs(args):
             yield spec, data, extractor.features(data, args.image_column, args.label_column,
                                                  args.max_train, args.max_test)

@@ -175,8 +175,11 @@ def _read_spec(spec: str) -> tuple[dict[str, Any], Optional[dict]]:
             raise CheckpointError(f"checkpoint {spec} does not exist")
         from safetensors import safe_open
 
-        with safe_open(spec, "pt") as fh:
-            meta = fh.metadata() or {}
+        try:
+            with safe_open(spec, "pt") as fh:
+                meta = fh.metadata() or {}
+        except Exception as err:  # safetensors' own error types: a truncated or foreign file
+            raise CheckpointError(f"{spec} is not a readable safetensors file ({err})") from err
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{spec} has no ssl_vit metadata; export it with python -m ssl_vit.export")
         return {"arch": json.loads(meta["arch"]), "objective": meta.get("objective"),

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -208,3 +209,60 @@ def test_workers_end_when_their_launcher_is_killed(tmp_path):
     for pid in orphans:  # leave no trainer behind, whatever the verdict
         os.kill(pid, signal.SIGKILL)
     assert not orphans
+
+
+def _string_labelled_parquet(folder) -> str:
+    """Digits with their labels as words ("zero" ... "nine"), train and test Parquet files."""
+    from ssl_vit.data import load_data
+
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    src = load_data("default")
+    folder.mkdir()
+    for split, ds in (("train", src.train.select(range(80))), ("test", src.test.select(range(40)))):
+        ds = ds.cast_column("label", datasets.Value("int64")).map(lambda r: {"label": words[r["label"]]})
+        ds.to_parquet(str(folder / f"digits-{split}.parquet"))
+    return str(folder)
+
+
+@pytest.mark.parametrize("objective", ["supervised", "mae"])
+def test_string_labels_become_sorted_classes(tmp_path, objective):
+    data = _string_labelled_parquet(tmp_path / "data")
+    ckpt = load_checkpoint(run_recipe(objective, {}, argv=[*TINY, "--steps", "1", "--data", data,
+                                                            "--out", str(tmp_path / "run")]))
+    names = ckpt["data"]["class_names"]
+    assert names == sorted(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    if objective == "supervised":
+        assert 0.0 <= ckpt["results"]["test_accuracy"] <= 1.0
+
+
+def test_evaluations_can_skip_unreadable_images_and_rebuild_a_corrupt_cache(tmp_path, capsys):
+    from eval import knn
+    from eval.common import EvalError
+    from test_data import _image_folder
+
+    _image_folder(tmp_path / "data", (("train", 6), ("test", 3)))
+    bad = tmp_path / "data" / "train" / "cat" / "0.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated PNG
+    ckpt = _run(tmp_path / "pre", "--steps", "0")
+    args = [ckpt, "--data", str(tmp_path / "data"), "--k", "3", "--num-workers", "0",
+            "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(Exception, match=r"cat/0\.png.*--skip-bad-images"):
+        knn.main(args)
+    (record,) = knn.main([*args, "--skip-bad-images"])
+    assert "left out 1 unreadable images" in capsys.readouterr().err
+    for entry in (tmp_path / "cache").iterdir():
+        entry.write_bytes(b"not safetensors")
+    assert knn.main([*args, "--skip-bad-images"]) == [record]  # rebuilt, the same numbers
+    assert "is unreadable (" in capsys.readouterr().err
+    with pytest.raises(EvalError, match="classes \\[3\\] that the training split does not"):
+        from eval.features import check_labels
+        check_labels(torch.tensor([0, 3]), 3, "x", "test")
+
+
+def test_a_random_bytes_safetensors_file_is_named(tmp_path):
+    path = tmp_path / "backbone.safetensors"
+    path.write_bytes(os.urandom(256))
+    from ssl_vit.checkpoint import load_backbone
+
+    with pytest.raises(CheckpointError, match=f"{path} is not a readable safetensors file"):
+        load_backbone(str(path))

@@ -155,9 +155,24 @@ def load_data(
 
     class_names = None
     if label_col is not None:
-        feat = (train.features or {}).get(label_col)
-        if isinstance(feat, ClassLabel):
-            class_names = list(feat.names)
-        elif isinstance(train, Dataset):  # plain integer labels 0..K-1
-            class_names = [str(v) for v in range(int(max(train[label_col])) + 1)]
+        train, test, class_names = _classes(train, test, label_col)
     return DataSource(spec, train, test, image_col, label_col, class_names)
+
+
+def _classes(train: HFData, test: Optional[HFData], label_col: str) -> tuple[HFData, Optional[HFData], Optional[list]]:
+    """(train, test, class names) for a label column: a ``ClassLabel``'s names; plain integers 0..K-1;
+    strings become classes in sorted order (both splits cast to one ``ClassLabel``). Other labels, or
+    integers of a stream (whose largest is unknown before a full pass), give no class names."""
+    feat = (train.features or {}).get(label_col)
+    if isinstance(feat, ClassLabel):
+        return train, test, list(feat.names)
+    if not isinstance(train, Dataset) or not isinstance(feat, datasets.Value):
+        return train, test, None
+    if feat.dtype in ("string", "large_string"):
+        values = set(train.unique(label_col)) | (set(test.unique(label_col)) if isinstance(test, Dataset) else set())
+        classes = ClassLabel(names=sorted(values))
+        return (train.cast_column(label_col, classes),
+                test.cast_column(label_col, classes) if isinstance(test, Dataset) else test, classes.names)
+    if feat.dtype.startswith(("int", "uint")):
+        return train, test, [str(v) for v in range(int(max(train.unique(label_col))) + 1)]
+    return train, test, None

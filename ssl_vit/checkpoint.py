@@ -11,6 +11,7 @@ Files are written atomically (temporary file, then rename): a crash never leaves
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import tempfile
@@ -34,8 +35,23 @@ class CheckpointError(UserError):
     """A file that is not a usable ssl_vit checkpoint; the message says why."""
 
 
+def disk_full(err: BaseException) -> bool:
+    """Whether an error from writing a file means the disk is full (torch's writer says so its own way)."""
+    return getattr(err, "errno", None) == errno.ENOSPC or any(
+        text in str(err) for text in ("No space left", "unexpected pos", "file write failed"))
+
+
+class DiskFullError(UserError):
+    """No space left where a file was being written; nothing half-written is kept."""
+
+    def __init__(self, path: str, kept: str = ""):
+        super().__init__(f"no space left on the disk of {path}: nothing was written there{kept}; free space and "
+                         "run the same command again")
+
+
 def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result to ``path`` in one step."""
+    """Call ``write(tmp_path)`` and rename the result to ``path`` in one step; a full disk is a
+    ``DiskFullError`` and leaves neither a partial file nor a changed ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
@@ -46,6 +62,10 @@ def atomic_write(path: str, write) -> None:
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it, not mkstemp's private 0600
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if disk_full(err):
+            raise DiskFullError(path) from err
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -266,3 +266,60 @@ def test_a_random_bytes_safetensors_file_is_named(tmp_path):
 
     with pytest.raises(CheckpointError, match=f"{path} is not a readable safetensors file"):
         load_backbone(str(path))
+
+
+def test_a_full_disk_keeps_the_last_good_state_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+
+    from ssl_vit.checkpoint import DiskFullError
+
+    save_state = Accelerator.save_state
+
+    def fills_the_disk_at_step_4(self, output_dir=None, **kw):
+        if output_dir and "step-4" in str(output_dir):
+            os.makedirs(output_dir, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_state(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", fills_the_disk_at_step_4)
+    with pytest.raises(DiskFullError, match=r"no space left on the disk of .*\.step-4\.tmp.*last good state is kept "
+                                            r"\(.*step-2\)"):
+        _run(tmp_path / "run", "--steps", "6", "--save-every", "2")
+    assert sorted(os.listdir(tmp_path / "run" / "state")) == ["latest", "step-2"]
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    import ssl_vit.checkpoint as checkpoint
+
+    torch_save = checkpoint.torch.save
+
+    def torch_save_on_a_full_disk(obj, f, *a, **kw):  # the checkpoint's write fails as torch's does
+        if str(f).endswith("ckpt.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return torch_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(checkpoint.torch, "save", torch_save_on_a_full_disk)
+    with pytest.raises(DiskFullError, match=r"no space left on the disk of .*ckpt\.pt"):
+        _run(tmp_path / "other", "--steps", "1")
+    assert not [n for n in os.listdir(tmp_path / "other") if n.startswith(".tmp-") or n == "ckpt.pt"]
+
+
+def test_an_unreadable_random_state_refuses_to_resume(tmp_path):
+    _run(tmp_path / "run", "--steps", "2", "--stop-at", "1")
+    (tmp_path / "run" / "state" / "step-1" / "random_states_0.pkl").write_bytes(os.urandom(64))
+    with pytest.raises(CheckpointError, match="random_states_0.pkl cannot be used .*other random numbers"):
+        _run(tmp_path / "run", "--steps", "2")
+
+
+def test_single_class_data_is_refused_for_supervised_training(tmp_path):
+    from ssl_vit.data import DataError, load_data
+
+    src = load_data("default")
+    (tmp_path / "data").mkdir()
+    for split, ds in (("train", src.train), ("test", src.test)):
+        ds.filter(lambda r: r["label"] == 0).select(range(10)).cast_column(
+            "label", datasets.Value("int64")).to_parquet(str(tmp_path / "data" / f"zeros-{split}.parquet"))
+    with pytest.raises(DataError, match="has a single class: supervised training would reach loss 0"):
+        _run(tmp_path / "run", "--steps", "1", "--data", str(tmp_path / "data"))

@@ -10,6 +10,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
+from ..data import DataError
 from ..errors import ConfigError
 from .base import DataInfo, Objective
 
@@ -45,7 +46,10 @@ class Supervised(Objective):
     def __init__(self, backbone, cfg: SupervisedConfig, data: DataInfo):
         super().__init__(backbone, cfg, data)
         if not data.num_classes:
-            raise ValueError(f"supervised pretraining needs class labels, and {data.name} has none")
+            raise DataError(f"supervised pretraining needs class labels, and {data.name} has none")
+        if data.num_classes < 2:
+            raise DataError(f"{data.name} has a single class: supervised training would reach loss 0 and learn "
+                             "nothing; use data with at least 2 classes, or a self-supervised recipe")
         width = backbone.embed_dim
         layers: list[nn.Module] = []
         if cfg.head_hidden:

@@ -15,7 +15,7 @@ from typing import Optional
 
 from accelerate import Accelerator
 
-from ..checkpoint import CheckpointError, atomic_write
+from ..checkpoint import CheckpointError, DiskFullError, atomic_write, disk_full
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..names import folder_safe, short_name
@@ -87,6 +87,25 @@ class RunLock:
             self.fd = None
 
 
+def check_random_states(state: str, rank: int) -> None:
+    """Accelerate skips random states it cannot read and resumes with others, silently; refuse
+    instead, since the resumed run would not be the interrupted one. Read as Accelerate reads them
+    (weights only: a malicious pickle never runs)."""
+    from accelerate.utils import RNG_STATE_NAME
+    from accelerate.utils.other import load
+
+    path = os.path.join(state, f"{RNG_STATE_NAME}_{rank}.pkl")
+    try:
+        states = load(path)
+        missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(states)
+    except Exception as err:  # torch's unpickler raises many types for a damaged or foreign file
+        missing = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    if missing:
+        raise CheckpointError(f"{path} cannot be used ({missing}): the run would resume with other random "
+                              f"numbers than it stopped with; restore the file, or delete {os.path.dirname(state)} "
+                              "to train from step 0")
+
+
 class StateFolder:
     """``out/state/step-N`` folders written by ``accelerator.save_state`` behind a ``latest`` pointer."""
 
@@ -113,7 +132,13 @@ class StateFolder:
         if self.acc.is_main_process and os.path.exists(tmp):
             shutil.rmtree(tmp)
         self.acc.wait_for_everyone()
-        self.acc.save_state(tmp)  # model, optimizer, scaler, every process's RNG
+        try:
+            self.acc.save_state(tmp)  # model, optimizer, scaler, every process's RNG
+        except (OSError, RuntimeError) as err:
+            if not disk_full(err):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DiskFullError(tmp, f"; the last good state is kept ({self.latest() or 'none yet'})") from err
         if self.acc.is_main_process:
             with open(os.path.join(tmp, "progress.json"), "w") as fh:
                 json.dump({"step": step, "skipped_steps": skipped_steps}, fh)
@@ -131,6 +156,7 @@ class StateFolder:
         path = self.latest()
         if path is None:
             return 0, 0
+        check_random_states(path, self.acc.process_index)
         self.acc.load_state(path)
         with open(os.path.join(path, "progress.json")) as fh:
             progress = json.load(fh)

@@ -323,3 +323,16 @@ def test_single_class_data_is_refused_for_supervised_training(tmp_path):
             "label", datasets.Value("int64")).to_parquet(str(tmp_path / "data" / f"zeros-{split}.parquet"))
     with pytest.raises(DataError, match="has a single class: supervised training would reach loss 0"):
         _run(tmp_path / "run", "--steps", "1", "--data", str(tmp_path / "data"))
+
+
+def test_a_streamed_local_parquet_with_integer_labels_has_its_classes(tmp_path):
+    from ssl_vit.data import load_data
+
+    src = load_data("default")
+    (tmp_path / "data").mkdir()
+    for split, ds in (("train", src.train.select(range(80))), ("test", src.test.select(range(40)))):
+        ds.cast_column("label", datasets.Value("int64")).to_parquet(str(tmp_path / "data" / f"d-{split}.parquet"))
+    streamed, loaded = load_data(str(tmp_path / "data"), streaming=True), load_data(str(tmp_path / "data"))
+    assert streamed.class_names == loaded.class_names == [str(d) for d in range(10)]
+    ckpt = load_checkpoint(_run(tmp_path / "run", "--steps", "1", "--data", str(tmp_path / "data"), "--streaming"))
+    assert ckpt["step"] == 1 and 0.0 <= ckpt["results"]["test_accuracy"] <= 1.0

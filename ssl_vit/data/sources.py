@@ -77,16 +77,23 @@ def _hold_out(ds: Dataset, label_column: Optional[str]) -> datasets.DatasetDict:
     return ds.train_test_split(test_size=HELD_OUT_FRACTION, seed=0, stratify_by_column=stratify)
 
 
-def _load_local(path: str, streaming: bool) -> dict[str, HFData]:
+def _parquet_files(path: str) -> dict[str, list[str]]:
+    """The Parquet files of a local ``--data`` path by split (empty for an image folder)."""
     if os.path.isfile(path):
         if not path.endswith(".parquet"):
             raise DataError(f"{path} is a file but not a .parquet file; local data forms:\n{LOCAL_FORMS}")
-        return {"train": datasets.load_dataset("parquet", data_files=path, split="train", streaming=streaming)}
-    train = sorted(glob.glob(os.path.join(path, "*train*.parquet")))
-    test = sorted(glob.glob(os.path.join(path, "*test*.parquet")))
+        return {"train": [path]}
+    files = {split: sorted(glob.glob(os.path.join(path, f"*{split}*.parquet"))) for split in ("train", "test")}
+    return {split: found for split, found in files.items() if found} if files["train"] else {}
+
+
+def _load_local(path: str, streaming: bool) -> dict[str, HFData]:
+    if os.path.isfile(path):
+        return {"train": datasets.load_dataset("parquet", data_files=_parquet_files(path)["train"], split="train",
+                                               streaming=streaming)}
+    train = _parquet_files(path).get("train")
     if train:
-        files = {"train": train, **({"test": test} if test else {})}
-        return dict(datasets.load_dataset("parquet", data_files=files, streaming=streaming))
+        return dict(datasets.load_dataset("parquet", data_files=_parquet_files(path), streaming=streaming))
     if os.path.isdir(os.path.join(path, "train")):
         return dict(datasets.load_dataset("imagefolder", data_dir=path, streaming=streaming))
     raise DataError(
@@ -156,7 +163,25 @@ def load_data(
     class_names = None
     if label_col is not None:
         train, test, class_names = _classes(train, test, label_col)
+        if class_names is None and isinstance(train, IterableDataset) and os.path.exists(os.path.expanduser(spec)):
+            class_names = _streamed_int_classes(_parquet_files(os.path.expanduser(spec)), label_col)
     return DataSource(spec, train, test, image_col, label_col, class_names)
+
+
+def _streamed_int_classes(files: dict[str, list[str]], label_col: str) -> Optional[list[str]]:
+    """Classes 0..K-1 of integer labels in local Parquet files, read without the images (pyarrow),
+    so a streamed local data set knows its classes as a downloaded one does."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    paths = [p for split in files.values() for p in split]
+    if not paths or label_col not in pq.read_schema(paths[0]).names:
+        return None
+    column = pq.read_table(paths, columns=[label_col]).column(label_col)
+    if not (pa.types.is_integer(column.type) and len(column)):
+        return None
+    return [str(v) for v in range(int(pc.max(column).as_py()) + 1)]
 
 
 def _classes(train: HFData, test: Optional[HFData], label_col: str) -> tuple[HFData, Optional[HFData], Optional[list]]:

@@ -336,3 +336,28 @@ def test_a_streamed_local_parquet_with_integer_labels_has_its_classes(tmp_path):
     assert streamed.class_names == loaded.class_names == [str(d) for d in range(10)]
     ckpt = load_checkpoint(_run(tmp_path / "run", "--steps", "1", "--data", str(tmp_path / "data"), "--streaming"))
     assert ckpt["step"] == 1 and 0.0 <= ckpt["results"]["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("command, message", [
+    (["recipes/supervised.py", "--steps", "-1"], "error: --steps -1: must be >= 0"),
+    (["-m", "ssl_vit.export", "{ckpt}", "{tmp}/x.safetensors", "--student"], "only DINO runs have a student"),
+    (["-m", "eval.inspection", "{tmp}/missing.pt", "--out", "{tmp}/inspect"], "missing.pt does not exist"),
+    (["-m", "ssl_vit.viz.curves", "{tmp}/no-run"], "no-run does not exist: pass a run folder"),
+])
+def test_commands_print_one_line_for_a_user_error(tmp_path, command, message, tiny_supervised_ckpt):
+    argv = [a.format(ckpt=tiny_supervised_ckpt, tmp=tmp_path) for a in command]
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_supervised_ckpt(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("pre") / "run", "--steps", "0")
+
+
+def test_the_non_finite_stop_says_how_to_go_on(tmp_path, monkeypatch):
+    _always_nan(monkeypatch)
+    with pytest.raises(NonFiniteError, match=r"Start a new run \(--out\) with a lower --lr"):
+        _run(tmp_path / "run", "--steps", "2")

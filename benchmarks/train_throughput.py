@@ -136,6 +136,7 @@ class Trainee:
 
     def __post_init__(self):
         self.module = torch.compile(self.eager) if self.spec.compile else self.eager
+        self.acc = Accelerator(cpu=self.spec.device == "cpu", mixed_precision=self.spec.precision)
 
 
 # ----- building, as the Trainer does -----
@@ -204,11 +205,10 @@ def train_step(t: Trainee, step: int, audit: Optional[SyncAudit] = None, eager: 
     the hooks, clipping, the finite check, the update) on the trainee's batch. ``eager``: run the
     uncompiled module (what the FLOP counter and the sync audit can see)."""
     info = dataclasses.replace(STEP_HORIZON, step=step)
-    acc = Accelerator(cpu=t.spec.device == "cpu", mixed_precision=t.spec.precision)
     module = t.eager if eager else t.module
     hooks = SimpleNamespace(start_step=lambda i, _: t.start_step(i), before_optimizer_step=t.before_optimizer_step,
                             end_step=t.end_step)
-    result = optimizer_step(acc, t.eager, hooks, t.optimizer, [dict(t.batch)], info, t.clip_grad,
+    result = optimizer_step(t.acc, t.eager, hooks, t.optimizer, [dict(t.batch)], info, t.clip_grad,
                             forward=lambda batch: (t.loss(module, batch), {}),
                             host_sync=audit.ignoring if audit else nullcontext)  # its syncs are the loop's own
     if not result.finite:

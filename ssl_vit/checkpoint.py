@@ -62,7 +62,7 @@ def atomic_write(path: str, write) -> None:
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it, not mkstemp's private 0600
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # torch's and safetensors' writers have their own error types
         if disk_full(err):
             raise DiskFullError(path) from err
         raise

@@ -60,7 +60,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # test metric every N steps (0: at the end only)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
-    max_skipped_steps: int = 10  # with --on-nonfinite skip: stop after this many non-finite steps in a row
+    max_skipped_steps: int = 10  # with --on-nonfinite skip: skip at most this many non-finite steps in a row
     compile: bool = False  # torch.compile the objective
 
     def __post_init__(self):

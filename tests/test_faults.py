@@ -53,10 +53,17 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
         assert not (tmp_path / "run" / "config.json").exists()
     finally:
         holder.release()
-    _run(tmp_path / "run", "--steps", "1")  # free again; a run that raised released it too
-    with pytest.raises(ConfigError):
-        _run(tmp_path / "run", "--steps", "1", "--lr", "0.5")  # refused for its settings, lock released
-    _run(tmp_path / "run", "--steps", "1")
+    _run(tmp_path / "run", "--steps", "1")  # free again
+
+
+def test_a_run_that_raised_releases_its_lock_with_loader_workers_alive(tmp_path, monkeypatch):
+    forward = Supervised.forward
+    _always_nan(monkeypatch)
+    with pytest.raises(NonFiniteError) as failed:  # its traceback keeps the trainer and its workers alive
+        _run(tmp_path / "run", "--steps", "2", "--num-workers", "1")
+    monkeypatch.setattr(Supervised, "forward", forward)
+    assert load_checkpoint(_run(tmp_path / "run", "--steps", "1", "--num-workers", "1"))["step"] == 1
+    del failed
 
 
 def test_a_latest_pointer_to_a_missing_state_is_an_error_not_a_restart(tmp_path):
@@ -231,6 +238,11 @@ def test_string_labels_become_sorted_classes(tmp_path, objective):
                                                             "--out", str(tmp_path / "run")]))
     names = ckpt["data"]["class_names"]
     assert names == sorted(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    from ssl_vit.data import load_data
+
+    raw = datasets.load_dataset("parquet", data_files=f"{data}/digits-train.parquet", split="train")["label"]
+    mapped = load_data(data).train["label"]
+    assert [names[i] for i in mapped] == raw  # each word is its own class
     if objective == "supervised":
         assert 0.0 <= ckpt["results"]["test_accuracy"] <= 1.0
 
@@ -349,7 +361,7 @@ def test_commands_print_one_line_for_a_user_error(tmp_path, command, message, ti
     done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2 and message in done.stderr
-    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in done.stderr
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -90,13 +91,17 @@ def pytest_env(copy: Path, threads: int) -> dict:
 def run_tests(copy: Path, tests: tuple[str, ...], env: dict, timeout: float) -> tuple[int, str]:
     """(pytest's exit code, its summary line and the names of failed tests)."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests]
+    proc = subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: a timeout ends everything it started
     try:
-        done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return -1, f"timed out after {timeout:.0f} s"
-    lines = (done.stdout + done.stderr).strip().splitlines()
+    lines = out.strip().splitlines()
     failed = [line for line in lines if line.startswith("FAILED ")]
-    return done.returncode, "; ".join([lines[-1] if lines else "", *failed])
+    return proc.returncode, "; ".join([lines[-1] if lines else "", *failed])
 
 
 def check_imports_from(copy: Path, env: dict) -> None:

@@ -175,7 +175,7 @@ def _streamed_int_classes(files: dict[str, list[str]], label_col: str) -> Option
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    paths = [p for split in files.values() for p in split]
+    paths = files.get("train", [])  # as for a downloaded data set: the training split's labels
     if not paths or label_col not in pq.read_schema(paths[0]).names:
         return None
     column = pq.read_table(paths, columns=[label_col]).column(label_col)

@@ -4,8 +4,9 @@ It owns what every objective shares: devices and processes, mixed precision, gra
 accumulation and clipping, the optimizer and schedule, logging, the test metric, atomic
 checkpoints and exact resume. ``Trainer`` assembles pieces that each work alone:
 ``pipeline`` (loaders and the micro-batches of each step), ``optim`` (optimizer and schedule),
-``step`` (one optimizer step), ``metrics_log`` (metrics.jsonl and the tracker) and
-``run_folder`` (config.json, the resumable state).
+``step`` (one optimizer step), ``metrics_log`` (metrics.jsonl and the tracker),
+``run_folder`` (config.json, the resumable state, the lock) and ``launch`` (launches that cannot
+train correctly).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..data import MEAN, STD, DataError, load_data
 from ..errors import ConfigError
 from ..objectives import DataInfo, Objective, StepInfo, get_objective
 from .metrics_log import MetricLog
-from .optim import build_optimizer, build_schedule, scaled_lr
+from .optim import build_optimizer, build_schedule
 from .launch import check_launch, die_with_launcher
 from .pipeline import DataPipeline, Shard
 from .run_folder import CKPT_FILE, RunLock, StateFolder, check_config, default_out, write_config
@@ -69,7 +70,6 @@ class Trainer:
         transform = objective_cls.train_transform(tc, run.objective_config, self.data_info)
         self.data = DataPipeline(run, self.source, objective_cls, transform, shard)
         self.steps_per_epoch = self.data.steps_per_epoch
-        self.lr = scaled_lr(tc)
         optimizer = build_optimizer(self.objective, tc)
         self.scheduler = build_schedule(optimizer, tc)
         model = torch.compile(self.objective) if tc.compile else self.objective
@@ -79,8 +79,12 @@ class Trainer:
         self.skipped_steps = self.skipped_in_a_row = self.skipped_images = 0
         if self.acc.is_main_process:  # every setting, the data and --init checked: the folder is written
             os.makedirs(self.out, exist_ok=True)
-            self.lock.acquire()
-            write_config(self.out, run)
+            self.lock.acquire()  # held until run() ends
+            try:
+                write_config(self.out, run)
+            except BaseException:
+                self.lock.release()
+                raise
         self.acc.wait_for_everyone()
 
     def _shard(self) -> Shard:
@@ -115,6 +119,8 @@ class Trainer:
             for k, v in part.items():
                 sums[k] = sums.get(k, 0) + v
         objective.train()
+        if not sums:  # no readable test image
+            return None
         return objective.test_metrics({k: self.acc.reduce(v, reduction="sum") for k, v in sums.items()})
 
     def _write_checkpoint(self, step: int, results: Optional[dict]) -> str:
@@ -142,7 +148,7 @@ class Trainer:
                 f"non-finite loss or gradient at step {step}{in_a_row} (loss {result.loss.item()}, grad norm "
                 f"{result.grad_norm.item()}); nothing was saved from it. Last good state: "
                 f"{self.state.latest() or 'none'}. Start a new run (--out) with a lower --lr, use --precision bf16 "
-                "instead of fp16, or pass --on-nonfinite skip")
+                "instead of fp16" + (", or pass --on-nonfinite skip" if tc.on_nonfinite == "stop" else ""))
         self.skipped_steps += 1
         self.acc.print(f"step {step}: non-finite loss or gradient, step skipped ({self.skipped_steps} so far)")
 
@@ -199,7 +205,7 @@ class Trainer:
         step, self.skipped_steps = self.state.load()
         if step:
             acc.print(f"resuming {self.out} at step {step}/{tc.steps}")
-            self.log.truncate_after(step)
+        self.log.truncate_after(step)  # records of steps after the saved state were re-run (or never saved)
         acc.init_trackers(os.path.basename(os.path.normpath(self.out)))
         step = self._train(step, min(tc.steps, tc.stop_at) if tc.stop_at is not None else tc.steps)
         if tc.steps == 0 and self.state.latest() is None:

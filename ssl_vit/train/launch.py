@@ -15,9 +15,10 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def check_launch(acc: Accelerator) -> None:
-    """Refuse processes that a launcher started as several but that Accelerate runs as one each
-    (``torchrun`` on CPUs, or ``accelerate launch --cpu --num_processes N``): each would train
-    alone and all would write into the same run folder."""
+    """Refuse processes that a launcher started as several (WORLD_SIZE > 1) but that Accelerate runs
+    as one each (``torchrun`` on CPUs): each would train alone and all would write into the same run
+    folder. (``accelerate launch --cpu --num_processes N`` starts one process and sets no WORLD_SIZE:
+    it trains correctly, on one process.)"""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and acc.num_processes == 1:
         raise ConfigError(

@@ -1,5 +1,6 @@
 """Training metrics: summed on the device between records, one record every --log-every steps to
-``metrics.jsonl`` and the tracker (TensorBoard), from the main process only."""
+``metrics.jsonl`` and the tracker (TensorBoard). ``record`` runs on every process (it averages
+across them); only the main process writes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ from accelerate import Accelerator
 from ..checkpoint import atomic_write
 from .run_folder import METRICS_FILE
 from .step import StepResult
+
+
+def _step_of(line: str):
+    """The step of a record line, or None for a blank or half-written one (a kill mid-write)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class MetricLog:
@@ -47,7 +56,7 @@ class MetricLog:
         if not self.acc.is_main_process or not os.path.exists(self.path):
             return
         with open(self.path) as fh:
-            kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+            kept = [line for line in fh if _step_of(line) is not None and _step_of(line) <= step]
         atomic_write(self.path, lambda tmp: open(tmp, "w").write("".join(kept)))
 
     def write(self, record: dict) -> None:

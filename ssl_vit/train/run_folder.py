@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from ..checkpoint import CheckpointError, DiskFullError, atomic_write, disk_full
 from ..config import RunConfig
 from ..errors import ConfigError
-from ..names import folder_safe, short_name
+from ..names import folder_safe
 
 CONFIG_FILE, METRICS_FILE, CKPT_FILE, STATE_DIR = "config.json", "metrics.jsonl", "ckpt.pt", "state"
 # Settings that may change between a run and its resumption without changing its result.
@@ -27,7 +27,9 @@ RESUMABLE_CHANGES = {"out", "save_every", "log_every", "eval_every", "num_worker
 
 
 def default_out(run: RunConfig) -> str:
-    return os.path.join("runs", f"{run.objective}-{folder_safe(short_name(run.train.data))}-{run.backbone.model}")
+    """``runs/<objective>-<data folder or file name>-<model>`` (a file's suffix kept, as it always was)."""
+    data = folder_safe(os.path.basename(os.path.normpath(run.train.data)))
+    return os.path.join("runs", f"{run.objective}-{data}-{run.backbone.model}")
 
 
 def _flat(d: dict) -> dict:
@@ -83,7 +85,8 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the lock
+            fcntl.flock(self.fd, fcntl.LOCK_UN)  # for the forked data-loader workers' copies too
+            os.close(self.fd)
             self.fd = None
 
 
@@ -134,7 +137,7 @@ class StateFolder:
         self.acc.wait_for_everyone()
         try:
             self.acc.save_state(tmp)  # model, optimizer, scaler, every process's RNG
-        except (OSError, RuntimeError) as err:
+        except Exception as err:  # safetensors' own error types too
             if not disk_full(err):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)

@@ -25,10 +25,10 @@ from .errors import UserError
 FORMAT = "ssl_vit"
 VERSION = 2  # 2: objective_state replaces the per-objective keys of version 1 (LEGACY_STATE_KEYS)
 OBJECTIVE_STATE = "objective_state"
+STUDENT_PREFIX = "backbone.vit."  # a DINO student's timm weights inside objective_state
 # Version-1 keys -> the prefix their tensors have in the objective's own state dict.
 LEGACY_STATE_KEYS = {"head_state_dict": "head.", "mae_state_dict": "decoder.", "masked_patch_state_dict": "",
-                     "student_state_dict": "backbone.vit."}
-STUDENT_PREFIX = "backbone.vit."  # a DINO student's timm weights inside objective_state
+                     "student_state_dict": STUDENT_PREFIX}
 
 
 class CheckpointError(UserError):

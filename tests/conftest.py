@@ -31,6 +31,13 @@ def tiny_hybrid(**kw):
     return build_backbone(BackboneConfig(**cfg))
 
 
+def free_port() -> str:
+    """A TCP port on localhost that nothing listens on now (for a launcher's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def launch_processes(num_processes: int, objective: str, argv: list[str], timeout: float = 300
                      ) -> subprocess.CompletedProcess:
     """Run a recipe in ``num_processes`` real CPU processes (gloo) and return the finished command.
@@ -39,9 +46,7 @@ def launch_processes(num_processes: int, objective: str, argv: list[str], timeou
     ``ACCELERATE_USE_CPU`` starts N. ``distributed_run.py`` exits with an error, inside the run,
     unless the world size is ``num_processes``, and prints ``rank R of N`` from each process.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -3,7 +3,6 @@ collapse warning, checkpoint (teacher) and student export."""
 
 import copy
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from timm.optim import create_optimizer_v2
 
-from conftest import tiny_vit
+from conftest import free_port, tiny_vit
 from ssl_vit.checkpoint import export_safetensors, load_backbone, load_checkpoint, objective_state, student_weights
 from ssl_vit.data import MEAN, STD, MultiCrop, collate
 from ssl_vit.objectives import DataInfo, StepInfo
@@ -174,9 +173,7 @@ def _centre_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_centre_all_reduced_over_two_processes_equals_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = int(free_port())
     # fork: the children inherit the imported modules (spawn re-imports torch and timm: slow)
     mp.start_processes(_centre_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     torch.manual_seed(0)

@@ -4,7 +4,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import small_digits
+from conftest import free_port, small_digits
 from ssl_vit.checkpoint import CheckpointError, load_checkpoint
 from ssl_vit.config import ConfigError
 from ssl_vit.data.loader import to_rgb
@@ -165,15 +164,9 @@ def _launch(launcher: list[str], out, steps: int, env: dict) -> subprocess.Popen
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def test_a_launch_whose_processes_would_each_train_alone_is_refused(tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    launched = _launch([torchrun, "--nproc_per_node", "2", "--master_port", _free_port()], tmp_path / "run", 2, {})
+    launched = _launch([torchrun, "--nproc_per_node", "2", "--master_port", free_port()], tmp_path / "run", 2, {})
     _, err = launched.communicate(timeout=300)
     assert launched.returncode != 0
     assert "launched as one of 2 (WORLD_SIZE=2) but Accelerate runs it alone" in err
@@ -199,7 +192,7 @@ def _processes_writing_to(out) -> list[int]:
 def test_workers_end_when_their_launcher_is_killed(tmp_path):
     accelerate = str(Path(sys.executable).parent / "accelerate")
     launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--main_process_port", _free_port(), "--mixed_precision", "no", "--dynamo_backend", "no"]
+                "--main_process_port", free_port(), "--mixed_precision", "no", "--dynamo_backend", "no"]
     launched = _launch(launcher, tmp_path / "run", 100_000, {"ACCELERATE_USE_CPU": "true"})
     deadline = time.time() + 300
     while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline and launched.poll() is None:

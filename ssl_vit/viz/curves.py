@@ -22,8 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import UserError, run_cli  # noqa: E402
+from ..train.run_folder import METRICS_FILE  # noqa: E402
 
-METRICS_FILE = "metrics.jsonl"  # written by ssl_vit.train
 NOT_CURVES = {"step", "epoch"}
 AGAINST_LN_K = {"loss", "teacher_entropy", "teacher_batch_entropy"}  # DINO panels that get the ln K line
 

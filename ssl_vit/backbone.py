@@ -65,6 +65,10 @@ class BackboneConfig:
     img_size: int = 224
     depth: Optional[int] = None  # None: the preset's; fewer layers make quick CPU runs
     global_pool: str = "token"  # "token" (class token) or "avg" (mean of patch tokens)
+    # False: the final LayerNorm normalises every token, and "avg" averages normalised tokens (big_vision,
+    # MAE). True: timm's default for "avg", unnormalised tokens and a norm after averaging (checkpoints
+    # written before this setting existed: see checkpoint.upgrade_arch).
+    fc_norm: bool = False
     pos_embed: str = "learned"  # "learned", or "sincos": fixed 2-D sin-cos (MAE)
     drop_path_rate: float = 0.0
     in_chans: int = 3
@@ -83,6 +87,7 @@ def _timm_kwargs(cfg: BackboneConfig) -> tuple[str, dict]:
         img_size=cfg.img_size,
         num_classes=0,
         global_pool=cfg.global_pool,
+        fc_norm=cfg.fc_norm,
         drop_path_rate=cfg.drop_path_rate,
         in_chans=cfg.in_chans,
         dynamic_img_size=True,  # any grid at run time: position embeddings are resampled

@@ -110,7 +110,16 @@ def load_checkpoint(path: str) -> dict[str, Any]:
             f"{path} is a PyTorch file but not an ssl_vit checkpoint (no 'format': 'ssl_vit' entry); "
             "pass a ckpt.pt written by an ssl_vit recipe, timm:MODEL_NAME, or a .safetensors export"
         )
+    ckpt["arch"] = upgrade_arch(ckpt["arch"], ckpt["state_dict"])
     return ckpt
+
+
+def upgrade_arch(arch: dict, weight_names) -> dict:
+    """An architecture saved before ``BackboneConfig.fc_norm`` existed had timm's default: a norm after
+    averaging exactly when its weights hold ``fc_norm`` (average pooling); keep that behaviour."""
+    if "fc_norm" in arch:
+        return arch
+    return {**arch, "fc_norm": "fc_norm.weight" in weight_names}
 
 
 def objective_state(ckpt: dict) -> dict[str, torch.Tensor]:
@@ -197,12 +206,12 @@ def _read_spec(spec: str) -> tuple[dict[str, Any], Optional[dict]]:
 
         try:
             with safe_open(spec, "pt") as fh:
-                meta = fh.metadata() or {}
+                meta, names = fh.metadata() or {}, list(fh.keys())
         except Exception as err:  # safetensors' own error types: a truncated or foreign file
             raise CheckpointError(f"{spec} is not a readable safetensors file ({err})") from err
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{spec} has no ssl_vit metadata; export it with python -m ssl_vit.export")
-        return {"arch": json.loads(meta["arch"]), "objective": meta.get("objective"),
+        return {"arch": upgrade_arch(json.loads(meta["arch"]), names), "objective": meta.get("objective"),
                 "step": int(meta.get("step", 0)), "data": json.loads(meta.get("data", "{}"))}, None
     ckpt = load_checkpoint(spec)
     return {k: v for k, v in ckpt.items() if not k.endswith("state_dict") and k != OBJECTIVE_STATE}, ckpt

@@ -38,8 +38,8 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def launch_processes(num_processes: int, objective: str, argv: list[str], timeout: float = 300
-                     ) -> subprocess.CompletedProcess:
+def launch_processes(num_processes: int, objective: str, argv: list[str], timeout: float = 300,
+                     recipe_defaults: bool = False) -> subprocess.CompletedProcess:
     """Run a recipe in ``num_processes`` real CPU processes (gloo) and return the finished command.
 
     ``accelerate launch --cpu --num_processes N`` silently starts one process; ``--multi_gpu`` with
@@ -50,7 +50,8 @@ def launch_processes(num_processes: int, objective: str, argv: list[str], timeou
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(Path(__file__).parent / "distributed_run.py"), str(num_processes), objective, *argv]
+           str(Path(__file__).parent / "distributed_run.py"), str(num_processes), objective,
+           *(["--recipe-defaults"] if recipe_defaults else []), *argv]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

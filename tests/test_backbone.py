@@ -110,3 +110,30 @@ def test_image_size_not_divisible_by_patch():
 def test_hybrid_grid_must_match_stride():
     with pytest.raises(BackboneError, match="total stride 16"):
         build_backbone(BackboneConfig(model="r_vit_tiny", img_size=60, depth=1))
+
+
+def test_average_pooling_averages_normalised_tokens_with_no_unused_parameter():
+    """As big_vision and MAE: every output token is layer-normalised (mean 0, std 1 before the affine
+    part), the representation is their mean, and no parameter sits outside the computation."""
+    b = tiny_vit(global_pool="avg").eval()
+    x = torch.randn(2, 3, 16, 16)
+    tokens = b.forward_features(x)  # [2, 17, 192]; the final norm's affine part is still 1 and 0
+    torch.testing.assert_close(tokens.mean(-1), torch.zeros(2, 17), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tokens.std(-1, unbiased=False), torch.ones(2, 17), atol=1e-3, rtol=0)
+    torch.testing.assert_close(b(x), b.patch_tokens(tokens).mean(1))
+    b(x).sum().backward()
+    assert all(p.grad is not None for p in b.parameters() if p.requires_grad)
+
+
+def test_checkpoints_from_before_the_fc_norm_setting_keep_their_norm_after_averaging(tmp_path):
+    from ssl_vit.checkpoint import load_backbone, load_checkpoint, save_checkpoint
+
+    old = tiny_vit(global_pool="avg", fc_norm=True).eval()  # what average pooling was before
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, old, objective="masked_patch", objective_config={}, train_config={}, step=1, data={})
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["arch"]["fc_norm"]  # the architecture as it was saved then
+    torch.save(ckpt, path)
+    assert load_checkpoint(path)["arch"]["fc_norm"] is True
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(load_backbone(path)[0](x), old(x))

@@ -99,12 +99,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls, defaults: dict, group: str
     hints = typing.get_type_hints(cls)
     g = parser.add_argument_group(group)
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
+        tp, _ = _unwrap_optional(hints[f.name])
         default = defaults.get(f.name, f.default)
         origin = typing.get_origin(tp)
-        if origin in (typing.Union, types.UnionType):  # Optional[X]
-            tp = next(a for a in typing.get_args(tp) if a is not type(None))
-            origin = typing.get_origin(tp)
         if tp is bool:
             g.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default)
         elif origin is tuple:

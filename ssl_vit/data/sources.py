@@ -88,12 +88,12 @@ def _parquet_files(path: str) -> dict[str, list[str]]:
 
 
 def _load_local(path: str, streaming: bool) -> dict[str, HFData]:
+    files = _parquet_files(path)
     if os.path.isfile(path):
-        return {"train": datasets.load_dataset("parquet", data_files=_parquet_files(path)["train"], split="train",
+        return {"train": datasets.load_dataset("parquet", data_files=files["train"], split="train",
                                                streaming=streaming)}
-    train = _parquet_files(path).get("train")
-    if train:
-        return dict(datasets.load_dataset("parquet", data_files=_parquet_files(path), streaming=streaming))
+    if files:
+        return dict(datasets.load_dataset("parquet", data_files=files, streaming=streaming))
     if os.path.isdir(os.path.join(path, "train")):
         return dict(datasets.load_dataset("imagefolder", data_dir=path, streaming=streaming))
     raise DataError(

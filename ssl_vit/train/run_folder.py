@@ -59,7 +59,7 @@ def check_config(out: str, run: RunConfig) -> None:
 
 def write_config(out: str, run: RunConfig) -> None:
     """Save the resolved settings (after every check has passed: nothing is written before)."""
-    text = json.dumps(json.loads(json.dumps(run.to_dict())), indent=2)
+    text = json.dumps(run.to_dict(), indent=2)
     atomic_write(os.path.join(out, CONFIG_FILE), lambda tmp: open(tmp, "w").write(text))
 
 

@@ -42,26 +42,61 @@ def test_a_failed_start_writes_nothing_and_the_corrected_command_runs(tmp_path):
     assert load_checkpoint(_run(tmp_path / "run", "--steps", "1", "--lr", "0.5"))["train_config"]["lr"] == 0.5
 
 
+# Holds the run lock of argv[1] in another process, with a forked child alive as a data-loader
+# worker would be, and prints both process ids once the lock is held.
+HOLD_LOCK = """
+import os, sys, time
+from ssl_vit.train.run_folder import RunLock
+RunLock(sys.argv[1]).acquire()
+child = os.fork()
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(os.getpid(), child, flush=True)
+time.sleep(120)
+"""
+
+
+def _hold_lock(folder: Path) -> tuple[subprocess.Popen, int]:
+    """Another process holding ``folder``'s run lock, and the pid of its forked child."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    ids = holder.stdout.readline().split()
+    if not ids:
+        pytest.fail(f"could not take the lock: {holder.communicate()[1].strip().splitlines()[-1]}")
+    return holder, int(ids[1])
+
+
 def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
     (tmp_path / "run").mkdir()
-    holder = RunLock(str(tmp_path / "run"))
-    holder.acquire()
+    holder, child = _hold_lock(tmp_path / "run")
     try:
-        with pytest.raises(ConfigError, match=f"another run is training in {tmp_path / 'run'} \\(process {os.getpid()}\\)"):
+        with pytest.raises(ConfigError, match=f"another run is training in {tmp_path / 'run'} \\(process {holder.pid}\\)"):
             _run(tmp_path / "run", "--steps", "1")
         assert not (tmp_path / "run" / "config.json").exists()
     finally:
-        holder.release()
+        holder.kill(), holder.wait(), os.kill(child, signal.SIGKILL)
     _run(tmp_path / "run", "--steps", "1")  # free again
 
 
-def test_a_run_that_raised_releases_its_lock_with_loader_workers_alive(tmp_path, monkeypatch):
-    forward = Supervised.forward
+def test_a_killed_run_frees_its_folder_at_once_while_its_forked_workers_live(tmp_path):
+    """Data-loader workers outlive a SIGKILLed run by up to 5 s; the rerun must not be refused."""
+    (tmp_path / "run").mkdir()
+    holder, child = _hold_lock(tmp_path / "run")
+    holder.kill(), holder.wait()
+    try:
+        os.kill(child, 0)  # the forked child still lives
+        RunLock(str(tmp_path / "run")).acquire()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_run_that_raised_frees_its_folder_for_the_next_process(tmp_path, monkeypatch):
     _always_nan(monkeypatch)
     with pytest.raises(NonFiniteError) as failed:  # its traceback keeps the trainer and its workers alive
         _run(tmp_path / "run", "--steps", "2", "--num-workers", "1")
-    monkeypatch.setattr(Supervised, "forward", forward)
-    assert load_checkpoint(_run(tmp_path / "run", "--steps", "1", "--num-workers", "1"))["step"] == 1
+    holder, child = _hold_lock(tmp_path / "run")  # would fail to start: the lock still held here
+    holder.kill(), holder.wait(), os.kill(child, signal.SIGKILL)
     del failed
 
 

@@ -65,7 +65,11 @@ def write_config(out: str, run: RunConfig) -> None:
 
 class RunLock:
     """One run per folder: an exclusive lock on ``out/.lock`` while a run trains there. The operating
-    system releases it when the process ends, a crash or a kill included, so it never goes stale."""
+    system releases it when the process ends, a crash or a kill included, so it never goes stale.
+
+    A POSIX record lock (``lockf``), not ``flock``: it belongs to this process alone, so forked
+    data-loader workers, which outlive a SIGKILLed parent by up to 5 s, never keep the folder
+    locked against the rerun. Two locks taken in one process do not exclude each other."""
 
     def __init__(self, out: str):
         self.path, self.fd = os.path.join(out, ".lock"), None
@@ -73,8 +77,8 @@ class RunLock:
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: held by another process
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise ConfigError(f"another run is training in {os.path.dirname(self.path)} (process {holder}); "
@@ -85,8 +89,7 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)  # for the forked data-loader workers' copies too
-            os.close(self.fd)
+            os.close(self.fd)  # closing frees a POSIX lock
             self.fd = None
 
 

@@ -129,6 +129,7 @@ class Trainee:
     batch: dict
     optimizer: torch.optim.Optimizer
     clip_grad: float
+    clip_mode: str
     start_step: Callable[[StepInfo], None]
     before_optimizer_step: Callable[[StepInfo], None]
     end_step: Callable[[StepInfo], None]
@@ -185,6 +186,7 @@ def build_trainee(spec: Spec) -> Trainee:
             objective.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(objective, run.train, fused=spec.fused and run.train.optimizer in FUSED)
         return Trainee(spec, objective, lambda m, b: m(b)[0], batch, optimizer, run.train.clip_grad,
+                       run.train.clip_grad_mode,
                        start_step=lambda i: objective.start_step(i, optimizer),
                        before_optimizer_step=objective.before_optimizer_step, end_step=objective.end_step)
     builder = dict(REFERENCES.get(spec.objective, []))[spec.impl]
@@ -193,7 +195,7 @@ def build_trainee(spec: Spec) -> Trainee:
     ref = builder(run, geometry, NUM_CLASSES)
     ref.model.to(device)
     optimizer = build_optimizer(ref.model, run.train, fused=spec.fused and run.train.optimizer in FUSED)
-    return Trainee(spec, ref.model, ref.loss, batch, optimizer, run.train.clip_grad,
+    return Trainee(spec, ref.model, ref.loss, batch, optimizer, run.train.clip_grad, run.train.clip_grad_mode,
                    start_step=lambda i: None,
                    before_optimizer_step=lambda i: ref.before_optimizer_step(i.step),
                    end_step=lambda i: ref.end_step(i.step), note=ref.note)
@@ -208,7 +210,7 @@ def train_step(t: Trainee, step: int, audit: Optional[SyncAudit] = None, eager: 
     module = t.eager if eager else t.module
     hooks = SimpleNamespace(start_step=lambda i, _: t.start_step(i), before_optimizer_step=t.before_optimizer_step,
                             end_step=t.end_step)
-    result = optimizer_step(t.acc, t.eager, hooks, t.optimizer, [dict(t.batch)], info, t.clip_grad,
+    result = optimizer_step(t.acc, t.eager, hooks, t.optimizer, [dict(t.batch)], info, t.clip_grad, t.clip_mode,
                             forward=lambda batch: (t.loss(module, batch), {}),
                             host_sync=audit.ignoring if audit else nullcontext)  # its syncs are the loop's own
     if not result.finite:

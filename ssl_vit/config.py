@@ -19,7 +19,8 @@ from typing import Any, Optional
 from .backbone import PRESETS, BackboneConfig
 from .errors import ConfigError
 
-CHOICES = {"precision": ("no", "bf16", "fp16"), "lr_scaling": ("linear", "sqrt"), "on_nonfinite": ("stop", "skip")}
+CHOICES = {"precision": ("no", "bf16", "fp16"), "lr_scaling": ("linear", "sqrt"), "on_nonfinite": ("stop", "skip"),
+           "clip_grad_mode": ("norm", "per_param")}
 AT_LEAST = {"steps": 0, "batch_size": 1, "grad_accum": 1, "log_every": 1, "save_every": 0, "eval_every": 0,
             "num_workers": 0, "max_skipped_steps": 1}  # 0 for save_every / eval_every: at the end only
 
@@ -51,7 +52,8 @@ class TrainConfig:
     warmup_steps: Optional[int] = None  # None: 10% of the steps, at most 10,000 (the paper's)
     weight_decay: float = 0.1  # none on biases, norms, tokens and position embeddings
     betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: float = 1.0  # max global gradient norm; 0 disables clipping
+    clip_grad: float = 1.0  # max gradient norm; 0 disables clipping
+    clip_grad_mode: str = "norm"  # norm: of all gradients together; per_param: of each parameter's (DINO)
     precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
     # run folder

@@ -9,18 +9,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from conftest import launch_processes, small_digits, tiny_vit
 from ssl_vit.checkpoint import load_backbone, load_checkpoint, objective_state
 from ssl_vit.data import MEAN, STD, EpochSampler, ImageDataset, load_data, make_loader, train_transform
-from ssl_vit.objectives import DataInfo, load_objective
+from ssl_vit.config import parse_run_config
+from ssl_vit.objectives import DataInfo, StepInfo, load_objective
+from ssl_vit.objectives.dino import DINO
 from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
 from ssl_vit.errors import UserError
 from ssl_vit.train import NonFiniteError, run_recipe
+from ssl_vit.train.step import optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "vit_tiny", "--depth", "1", "--patch-size", "4", "--img-size", "16", "--batch-size", "16",
@@ -142,6 +147,21 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
     assert record["grad_norm"] > 10 * clip  # the gradient was clipped
     moved = torch.stack([(after[k] - start[k]).norm() for k in start]).norm().item()
     assert moved == pytest.approx(record["lr"] * 1.9 * clip, rel=1e-3)
+
+
+def test_per_parameter_clipping_leaves_small_gradients_and_clips_large_ones():
+    """DINO's mode: a gradient of norm 1.7 is untouched, one of norm 8 scaled to 3.0 (the global
+    mode would scale both, by 3 / 8.2)."""
+    small, large = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4, 4))
+    model = torch.nn.ParameterList([small, large])
+    hooks = SimpleNamespace(start_step=lambda *_: None, before_optimizer_step=lambda _: None,
+                            end_step=lambda _: None)
+    loss = lambda batch: ((small * 1.0).sum() + (large * 2.0).sum(), {})  # gradients 1 (norm 1.7) and 2 (norm 8)
+    optimizer_step(Accelerator(cpu=True), model, hooks, torch.optim.SGD(model.parameters(), lr=1.0),
+                   [{"image": torch.zeros(1)}], StepInfo(0, 1, 0, 1), 3.0, "per_param", forward=loss)
+    assert torch.allclose(small.detach(), torch.full((3,), -1.0))
+    assert large.detach().norm().item() == pytest.approx(3.0, rel=1e-5)
+    assert parse_run_config("dino", DINO.Config, DINO.recipe_defaults, argv=[]).train.clip_grad_mode == "per_param"
 
 
 def test_changed_settings_refuse_to_resume(tmp_path):

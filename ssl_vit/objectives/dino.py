@@ -142,7 +142,7 @@ class DINO(Objective):
         drop_path_rate=0.1,  # the student's; the teacher has none
         steps=50, batch_size=64,  # ~2 epochs of digits
         optimizer="adamw", lr=5e-4, lr_ref_batch=256, min_lr=1e-6, betas=(0.9, 0.999),
-        weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
+        weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, clip_grad_mode="per_param",
         out_dim=4096, momentum_teacher=0.9995,
     )
 

@@ -179,7 +179,8 @@ class Trainer:
         for epoch, group in self.data.micro_batches(step + self.skipped_steps) if step < end else ():
             info = StepInfo(step, tc.steps, epoch, self.steps_per_epoch)
             self.scheduler.step_update(step + 1)  # lr of this step: warmup from lr/warmup, cosine to min_lr
-            result = optimizer_step(self.acc, self.model, objective, self.optimizer, group, info, tc.clip_grad)
+            result = optimizer_step(self.acc, self.model, objective, self.optimizer, group, info, tc.clip_grad,
+                                    tc.clip_grad_mode)
             self.skipped_images += result.skipped_images
             if not result.finite:
                 self._handle_nonfinite(step, result)

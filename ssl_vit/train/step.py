@@ -41,16 +41,28 @@ def batch_len(images) -> int:
     return len(images[0]) if isinstance(images, list) else len(images)
 
 
+def clip_per_parameter(parameters, max_norm: float) -> None:
+    """DINO's clipping (``utils.clip_gradients``): each parameter's gradient is scaled to norm at most
+    ``max_norm`` on its own. By hand: timm's ``dispatch_clip_grad`` clips the global norm, values or
+    AGC-style, none per parameter; torch has no per-parameter mode. No host sync."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        scales = [torch.clamp(max_norm / (norm + 1e-6), max=1.0) for norm in torch._foreach_norm(grads)]
+        torch._foreach_mul_(grads, scales)
+
+
 def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.optim.Optimizer,
-                   micro_batches: list[dict], info: StepInfo, clip_grad: float,
+                   micro_batches: list[dict], info: StepInfo, clip_grad: float, clip_mode: str = "norm",
                    forward: Optional[Callable] = None, host_sync: Callable[[], ContextManager] = nullcontext
                    ) -> StepResult:
     """One update of ``model`` (prepared by ``acc``, or plain) from ``micro_batches``.
 
     ``hooks``: the objective (``start_step``, ``before_optimizer_step``, ``end_step``); ``forward``:
     batch -> (loss, metrics), default ``model``. Each micro-batch's loss is divided by their number,
-    so accumulation equals the large batch; gradients are all-reduced on the last one only. The one
-    host sync (``host_sync`` wraps it) keeps a non-finite loss or gradient from the weights.
+    so accumulation equals the large batch; gradients are all-reduced on the last one only.
+    ``clip_mode``: ``norm`` clips the global norm to ``clip_grad``, ``per_param`` each parameter's
+    (DINO; after ``before_optimizer_step``, where DINO clips first: per parameter the order does
+    not matter, a dropped gradient stays dropped). The one host sync (``host_sync`` wraps it) keeps a non-finite loss or gradient from the weights.
     """
     forward = forward or model
     hooks.start_step(info, optimizer)
@@ -68,7 +80,10 @@ def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.o
             sums[k] = sums.get(k, 0) + v.detach().float() / n
         images += batch_len(batch["image"])
     hooks.before_optimizer_step(info)
-    grad_norm = acc.clip_grad_norm_(model.parameters(), clip_grad if clip_grad > 0 else math.inf)
+    global_clip = clip_grad if clip_grad > 0 and clip_mode == "norm" else math.inf
+    grad_norm = acc.clip_grad_norm_(model.parameters(), global_clip)  # also unscales fp16 gradients
+    if clip_grad > 0 and clip_mode == "per_param":
+        clip_per_parameter(model.parameters(), clip_grad)
     check = loss_sum if acc.mixed_precision == "fp16" else loss_sum + grad_norm  # fp16: the scaler skips inf grads
     with host_sync():
         finite = bool(torch.isfinite(check).item())

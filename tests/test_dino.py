@@ -16,6 +16,7 @@ from conftest import free_port, tiny_vit
 from ssl_vit.checkpoint import export_safetensors, load_backbone, load_checkpoint, objective_state, student_weights
 from ssl_vit.data import MEAN, STD, MultiCrop, collate
 from ssl_vit.objectives import DataInfo, StepInfo
+from ssl_vit.errors import ConfigError
 from ssl_vit.objectives.dino import DINO, DINOConfig, view_pairs
 
 DATA = DataInfo("test", None, None, MEAN, STD, 16)
@@ -283,7 +284,28 @@ def test_trainer_updates_centre_and_teacher_once_per_step_under_accumulation(tmp
     whole = load_checkpoint(run_recipe("dino", argv=[*argv, "--out", str(tmp_path / "a")]))
     accum = load_checkpoint(run_recipe("dino", argv=[*argv, "--grad-accum", "2", "--out", str(tmp_path / "b")]))
     for name, value in whole["state_dict"].items():  # the teacher
-        torch.testing.assert_close(accum["state_dict"][name], value, rtol=1e-4, atol=5e-5, msg=name)
+        torch.testing.assert_close(_without_key_bias(name, accum["state_dict"][name]), _without_key_bias(name, value),
+                                   rtol=1e-4, atol=5e-5, msg=name)
     accum_state = objective_state(accum)
     for name, value in objective_state(whole).items():  # the student, the heads, the centre
-        torch.testing.assert_close(accum_state[name], value, rtol=1e-4, atol=5e-5, msg=name)
+        torch.testing.assert_close(_without_key_bias(name, accum_state[name]), _without_key_bias(name, value),
+                                   rtol=1e-4, atol=5e-5, msg=name)
+
+
+def _without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
+    """The key biases' gradient is 0 in exact arithmetic (softmax ignores a shift), so theirs is
+    rounding noise; left unscaled by per-parameter clipping, AdamW turns two runs' different noise
+    into different updates (~6e-5). Compare everything else."""
+    if not name.endswith("attn.qkv.bias"):
+        return value
+    query, _, values = value.chunk(3)
+    return torch.cat([query, values])
+
+
+def test_teacher_temperature_warms_up_per_epoch_as_main_dino():
+    """linspace(0.04, 0.07, 3) over the first 3 epochs, one value per epoch; then 0.07."""
+    dino = tiny_dino(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3)
+    per_step = [dino.teacher_temperature(step, steps_per_epoch=5) for step in range(20)]
+    assert per_step == pytest.approx([0.04] * 5 + [0.055] * 5 + [0.07] * 10)
+    with pytest.raises(ConfigError, match="--warmup-teacher-temp-epochs 0.5: .*whole number"):
+        DINOConfig(warmup_teacher_temp_epochs=0.5)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from itertools import chain, groupby
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ class DINOConfig:
     freeze_last_layer_epochs: float = 1.0  # the last layer is not updated during these first epochs
     teacher_temp: float = 0.04
     warmup_teacher_temp: float = 0.04  # linear warm-up from this to --teacher-temp...
-    warmup_teacher_temp_epochs: float = 0.0  # ...over these epochs (the paper: 0.04 -> 0.07 over 30)
+    warmup_teacher_temp_epochs: float = 0.0  # ...over these whole epochs, per epoch (the paper: 0.04 -> 0.07 over 30)
     student_temp: float = 0.1
     center_momentum: float = 0.9
     momentum_teacher: float = 0.996  # teacher EMA momentum at step 0, cosine to 1 at the last step
@@ -71,6 +72,9 @@ class DINOConfig:
         for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be positive")
+        if not float(self.warmup_teacher_temp_epochs).is_integer() or self.warmup_teacher_temp_epochs < 0:
+            raise ConfigError(f"--warmup-teacher-temp-epochs {self.warmup_teacher_temp_epochs}: DINO warms the "
+                              "teacher temperature up per epoch; give a whole number of epochs (0: no warm-up)")
         for name in ("center_momentum", "momentum_teacher"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must lie in [0, 1]")
@@ -190,11 +194,12 @@ class DINO(Objective):
         return cosine_schedule(self.cfg.momentum_teacher, 1.0, step / max(total_steps, 1))
 
     def teacher_temperature(self, step: int, steps_per_epoch: int) -> float:
-        """Linear warm-up from ``warmup_teacher_temp`` to ``teacher_temp`` (per step; DINO per epoch)."""
-        warmup = self.cfg.warmup_teacher_temp_epochs * steps_per_epoch
-        if step >= warmup:
+        """DINO's warm-up (``main_dino.py``), per epoch: the first W epochs take
+        ``linspace(warmup_teacher_temp, teacher_temp, W)[epoch]``, later ones ``teacher_temp``."""
+        epoch, warmup = step // max(steps_per_epoch, 1), int(self.cfg.warmup_teacher_temp_epochs)
+        if epoch >= warmup:
             return self.cfg.teacher_temp
-        return self.cfg.warmup_teacher_temp + (self.cfg.teacher_temp - self.cfg.warmup_teacher_temp) * step / warmup
+        return float(np.linspace(self.cfg.warmup_teacher_temp, self.cfg.teacher_temp, warmup)[epoch])
 
     # ----- the method, in the order it runs -----
     def dino_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor

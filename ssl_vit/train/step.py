@@ -62,7 +62,8 @@ def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.o
     so accumulation equals the large batch; gradients are all-reduced on the last one only.
     ``clip_mode``: ``norm`` clips the global norm to ``clip_grad``, ``per_param`` each parameter's
     (DINO; after ``before_optimizer_step``, where DINO clips first: per parameter the order does
-    not matter, a dropped gradient stays dropped). The one host sync (``host_sync`` wraps it) keeps a non-finite loss or gradient from the weights.
+    not matter, a dropped gradient stays dropped). The one host sync (``host_sync`` wraps it)
+    keeps a non-finite loss or gradient from the weights.
     """
     forward = forward or model
     hooks.start_step(info, optimizer)

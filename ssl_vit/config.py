@@ -50,7 +50,7 @@ class TrainConfig:
     lr_scaling: str = "linear"  # linear: lr * batch/ref (SGD, AdamW recipes); sqrt: lr * sqrt(batch/ref) (Adam)
     min_lr: float = 0.0
     warmup_steps: Optional[int] = None  # None: 10% of the steps, at most 10,000 (the paper's)
-    weight_decay: float = 0.1  # none on biases, norms, tokens and position embeddings
+    weight_decay: float = 0.1  # none on biases and norms; tokens and position embeddings per objective
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 1.0  # max gradient norm; 0 disables clipping
     clip_grad_mode: str = "norm"  # norm: of all gradients together; per_param: of each parameter's (DINO)

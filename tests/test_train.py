@@ -20,11 +20,13 @@ from conftest import launch_processes, small_digits, tiny_vit
 from ssl_vit.checkpoint import load_backbone, load_checkpoint, objective_state
 from ssl_vit.data import MEAN, STD, EpochSampler, ImageDataset, load_data, make_loader, train_transform
 from ssl_vit.config import parse_run_config
-from ssl_vit.objectives import DataInfo, StepInfo, load_objective
+from ssl_vit.backbone import build_backbone
+from ssl_vit.objectives import DataInfo, StepInfo, get_objective, load_objective
 from ssl_vit.objectives.dino import DINO
 from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
 from ssl_vit.errors import UserError
 from ssl_vit.train import NonFiniteError, run_recipe
+from ssl_vit.train.optim import build_optimizer
 from ssl_vit.train.step import optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +105,23 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
     assert_same_weights(b, a, rtol=1e-4)
 
 
+
+
+@pytest.mark.parametrize("objective, tokens_decay", [("supervised", False), ("masked_patch", False),
+                                                     ("mae", True), ("dino", True)])
+def test_each_objective_decays_the_class_token_as_its_reference_does(objective, tokens_decay):
+    """DINO (``get_params_groups``) and MAE (``add_weight_decay``) decay every parameter with more
+    than one dimension, the class token included; supervised and masked patch follow timm, which
+    spares it. Biases never decay."""
+    cls = get_objective(objective)
+    run = parse_run_config(objective, cls.Config, cls.recipe_defaults, argv=[*TINY, "--out-dim", "8"]
+                           if objective == "dino" else TINY)
+    model = cls(build_backbone(run.backbone), run.objective_config, DataInfo("x", 10, None, MEAN, STD, 16))
+    decay = {id(p): group["weight_decay"] for group in build_optimizer(model, run.train).param_groups
+             for p in group["params"]}
+    vit = model.backbone.vit
+    assert (decay[id(vit.cls_token)] > 0) == tokens_decay
+    assert decay[id(vit.blocks[0].attn.qkv.bias)] == 0 and decay[id(vit.blocks[0].attn.qkv.weight)] > 0
 
 
 @pytest.mark.parametrize("objective", ["supervised", "masked_patch", "mae", "dino"])

@@ -112,5 +112,6 @@ class Objective(nn.Module):
         return groups
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay besides biases and norms (timm's convention)."""
+        """Parameter names exempt from weight decay besides biases and other 1-D parameters (norms):
+        timm's (position embedding, class token) unless an objective's reference says otherwise."""
         return {f"backbone.vit.{n}" for n in self.backbone.vit.no_weight_decay()}

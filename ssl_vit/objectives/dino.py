@@ -188,6 +188,11 @@ class DINO(Objective):
     def _teacher_parameters(self):
         return chain(self.teacher.parameters(), self.teacher_head.parameters())
 
+    def no_weight_decay(self) -> set[str]:
+        """DINO's rule (``utils.get_params_groups``): every parameter with more than one dimension
+        decays, the position embedding and class token included."""
+        return set()
+
     # ----- schedules -----
     def teacher_momentum(self, step: int, total_steps: int) -> float:
         """EMA momentum after optimizer step ``step``: ``momentum_teacher`` at 0, 1 at ``total_steps``."""

@@ -177,5 +177,8 @@ class MAE(Objective):
         pred = self.forward_decoder(latent, masking.restore, grid)
         return self.forward_loss(images, pred, masking.mask), {}
 
-    def no_weight_decay(self):
-        return super().no_weight_decay() | {"decoder.mask_token"}
+    def no_weight_decay(self) -> set[str]:
+        """MAE's rule (``optim_factory.add_weight_decay`` with no skip list): every parameter with
+        more than one dimension decays, the class and mask tokens included (the sin-cos position
+        embedding is frozen)."""
+        return set()

@@ -1,16 +1,19 @@
 """MAE: the encoder sees only visible tokens, unmasking is exact, the loss is on masked patches,
 hybrids hide masked pixels from the stem, training lowers the loss, the checkpoint rebuilds it."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import tiny_hybrid, tiny_vit
-from ssl_vit.checkpoint import save_checkpoint
+from ssl_vit.checkpoint import load_checkpoint, save_checkpoint
 from ssl_vit.data import MEAN, STD
 from ssl_vit.masking import random_masking
 from ssl_vit.objectives import DataInfo, load_objective
 from ssl_vit.objectives.mae import MAE, MAEConfig
+from ssl_vit.train import run_recipe
 from ssl_vit.viz.mae import main as viz_main
 
 
@@ -180,3 +183,21 @@ def test_checkpoint_rebuilds_mae_and_writes_the_reconstruction_png(tmp_path):
     png = tmp_path / "recon.png"
     viz_main([path, "--num-images", "2", "--out", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_fresh_mae_run_initialises_the_encoder_as_models_mae(tmp_path):
+    """xavier-uniform linears and flattened patch embedding, class token normal(0.02) (timm's
+    would give linears std 0.02 and a class token of std 1e-6); --init weights are kept."""
+    argv = ["--model", "vit_tiny", "--depth", "1", "--patch-size", "4", "--img-size", "16", "--steps", "0"]
+    weights = load_checkpoint(run_recipe("mae", argv=[*argv, "--out", str(tmp_path / "mae")]))["state_dict"]
+    qkv, patch = weights["blocks.0.attn.qkv.weight"], weights["patch_embed.proj.weight"].flatten(1)
+    for w in (qkv, patch):
+        bound = math.sqrt(6 / sum(w.shape))  # xavier-uniform: U(-bound, bound), std bound / sqrt(3)
+        assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert patch.abs().max() > 1 / math.sqrt(patch.shape[1])  # beyond PyTorch's default conv bound
+    assert weights["cls_token"].std().item() == pytest.approx(0.02, rel=0.3)
+    assert not weights["blocks.0.attn.qkv.bias"].any()
+    supervised = run_recipe("supervised", argv=[*argv, "--out", str(tmp_path / "sup")])
+    kept = load_checkpoint(run_recipe("mae", argv=[*argv, "--init", supervised, "--out", str(tmp_path / "init")]))
+    name = "blocks.0.attn.qkv.weight"
+    assert torch.equal(kept["state_dict"][name], load_checkpoint(supervised)["state_dict"][name])

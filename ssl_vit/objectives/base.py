@@ -52,6 +52,11 @@ class Objective(nn.Module):
         self.backbone, self.cfg, self.data = backbone, cfg, data
 
     @classmethod
+    def initialise(cls, backbone: Backbone) -> None:
+        """Re-initialise a fresh backbone where the objective's reference differs from timm's
+        initialisation (not called when --init loads weights)."""
+
+    @classmethod
     def train_transform(cls, train_cfg, cfg, data: DataInfo) -> Callable:
         """The augmentation of the training images (default: inception crop and flip)."""
         return train_transform(data.img_size, scale=train_cfg.crop_scale, hflip=train_cfg.hflip,

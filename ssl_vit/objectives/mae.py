@@ -114,6 +114,23 @@ class MAE(Objective):
         patch_pixels = backbone.pixel_patch_size ** 2 * backbone.cfg.in_chans
         self.decoder = MAEDecoder(backbone.embed_dim, patch_pixels, cfg)
 
+    @classmethod
+    @torch.no_grad()
+    def initialise(cls, backbone: Backbone) -> None:
+        """MAE's encoder initialisation (``models_mae.initialize_weights``): xavier-uniform for every
+        linear layer (zero bias) and for the patch embedding's flattened weight, normal(0.02) for
+        the class token. By hand: timm's modes differ (truncated normal 0.02; its ``moco`` mode
+        splits qkv and keeps the class token at 1e-6)."""
+        vit = backbone.vit
+        for module in vit.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        proj = vit.patch_embed.proj.weight  # [D, C, p, p] (a hybrid's: its 1x1 projection after the stem)
+        nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
+        if vit.cls_token is not None:
+            nn.init.normal_(vit.cls_token, std=0.02)
+
     # ----- the method, in the order it runs -----
     def forward_encoder(self, images: torch.Tensor, masking: Masking | None = None
                         ) -> tuple[torch.Tensor, Masking, tuple[int, int]]:

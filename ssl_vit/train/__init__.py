@@ -66,7 +66,7 @@ class Trainer:
                             "name it with --label-column, or use a self-supervised recipe")
         self.data_info = DataInfo(tc.data, self.source.num_classes, self.source.class_names, MEAN, STD,
                                   run.backbone.img_size)
-        self.objective = objective_cls(self._backbone(), run.objective_config, self.data_info)
+        self.objective = objective_cls(self._backbone(objective_cls), run.objective_config, self.data_info)
         transform = objective_cls.train_transform(tc, run.objective_config, self.data_info)
         self.data = DataPipeline(run, self.source, objective_cls, transform, shard)
         self.steps_per_epoch = self.data.steps_per_epoch
@@ -94,12 +94,15 @@ class Trainer:
             raise ConfigError(f"--batch-size {tc.batch_size} must be divisible by processes x --grad-accum = {per_step}")
         return Shard(acc.process_index, acc.num_processes, tc.batch_size // per_step, acc.device.type == "cuda")
 
-    def _backbone(self):
-        """The configured backbone, initialised from --init when given (position embeddings resampled)."""
+    def _backbone(self, objective_cls):
+        """The configured backbone, initialised from --init when given (position embeddings
+        resampled), else as the objective's reference initialises it."""
         backbone = build_backbone(self.run_cfg.backbone)
         if self.run_cfg.train.init:
             source, _ = load_backbone(self.run_cfg.train.init)
             load_weights(backbone, source.vit.state_dict(), self.run_cfg.train.init)
+        else:
+            objective_cls.initialise(backbone)
         return backbone
 
     @torch.no_grad()

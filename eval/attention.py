@@ -5,7 +5,9 @@
 * ``mean_attention_distance``: for each head, the pixel distance between a query patch and the
   key patches, weighted by the attention weights, averaged over query patches (Figure 7, right).
 * ``attention_rollout``: Abnar & Zuidema (2020): average the heads, add the identity for the
-  residual path, renormalise the rows, multiply across layers (Figure 6 and appendix D.8).
+  residual path, renormalise the rows, multiply across layers (Figure 6 and appendix D.8). The
+  map is read from the representation's query: the class token's row, or for average pooling
+  (whose class token the output never uses) the mean of the patch rows.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ CLASS_TOKEN_HANDLING = (
     "queries and keys: patch tokens only; the weight on the class token is removed and "
     "each query's weights renormalised to 1"
 )
+
+
+# Where a rollout map is read from (``rollout_source``), as figures and inspect.json name it.
+FROM_CLASS, FROM_PATCH_MEAN = "[class]", "patch mean"
 
 
 class AttentionError(EvalError):
@@ -111,8 +117,13 @@ def attention_rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
     return rollout
 
 
-def rollout_map(rollout: torch.Tensor, num_prefix: int, grid: tuple[int, int]) -> torch.Tensor:
-    """[B, T, T] -> [B, h, w]: the class token's row over the patch grid (without a class token,
-    the mean over patch queries)."""
-    rows = rollout[:, 0] if num_prefix else rollout.mean(dim=1)
+def rollout_source(backbone: Backbone) -> str:
+    """The query the representation comes from: FROM_CLASS (class-token pooling) or FROM_PATCH_MEAN."""
+    return FROM_CLASS if backbone.cfg.global_pool == "token" else FROM_PATCH_MEAN
+
+
+def rollout_map(rollout: torch.Tensor, num_prefix: int, grid: tuple[int, int], source: str) -> torch.Tensor:
+    """[B, T, T] -> [B, h, w] over the patch columns: the class token's row (``source`` FROM_CLASS)
+    or the mean of the patch rows (FROM_PATCH_MEAN)."""
+    rows = rollout[:, 0] if source == FROM_CLASS else rollout[:, num_prefix:].mean(dim=1)
     return rows[:, num_prefix:].reshape(-1, *grid)

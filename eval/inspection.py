@@ -9,7 +9,8 @@ writes to ``--out``:
 * ``position_similarity.png``: cosine similarity of each position embedding with every other;
 * ``attention_distance.png``: mean attention distance in pixels per head and layer, averaged over
   query patches and ``--images`` images of the data's test split (class token left out);
-* ``attention_rollout.png``: attention rollout of the class token over a few images;
+* ``attention_rollout.png``: attention rollout over a few images, from the class token (or, for
+  average-pooled checkpoints, the mean of the patch queries);
 * ``inspect.json``: the numbers behind every figure.
 
 A checkpoint is a ``ckpt.pt`` (or its run folder), ``timm:MODEL_NAME`` or a ``.safetensors`` export.
@@ -40,6 +41,7 @@ from .attention import (
     prefix_attention,
     record_attention,
     rollout_map,
+    rollout_source,
 )
 from .common import EvalError, run_cli
 from .embeddings import Filters, first_layer_filters, position_similarity, similarity_by_distance
@@ -74,6 +76,7 @@ class Inspection:
     max_distance: float  # largest distance between two patch centres
     rollout_images: torch.Tensor  # [K, C, H, W] in 0..1
     rollout_maps: torch.Tensor  # [K, h, w]
+    rollout_from: str  # FROM_CLASS or FROM_PATCH_MEAN: the rows the maps are read from
 
 
 def resolve_spec(spec: str) -> str:
@@ -97,7 +100,7 @@ def attention_pass(backbone: Backbone, loader: DataLoader, num_rollout: int, dev
     Returns (distance [L, H], prefix_weight [L, H], rollout maps [K, h, w], images [K, C, H, W],
     grid, number of images).
     """
-    num_prefix = backbone.num_prefix_tokens
+    num_prefix, source = backbone.num_prefix_tokens, rollout_source(backbone)
     dist_sum = prefix_sum = distances = grid = None
     maps, shown, seen = [], [], 0
     for batch in tqdm(loader, desc=f"attention {desc}", unit="batch"):
@@ -114,7 +117,7 @@ def attention_pass(backbone: Backbone, loader: DataLoader, num_rollout: int, dev
         seen += len(images)
         need = num_rollout - sum(len(m) for m in maps)
         if need > 0:
-            maps.append(rollout_map(attention_rollout([a[:need] for a in layers]), num_prefix, grid).cpu())
+            maps.append(rollout_map(attention_rollout([a[:need] for a in layers]), num_prefix, grid, source).cpu())
             shown.append(denormalize(batch["image"][:need]).clamp(0, 1))
     if not seen:
         raise InspectError("the data has no images to inspect")
@@ -136,7 +139,7 @@ def inspect_checkpoint(spec: str, source: DataSource, num_images: int, num_rollo
         filters=first_layer_filters(backbone), similarity=position_similarity(backbone).cpu(),
         distance=distance, prefix_weight=prefix,
         uniform_distance=float(pair_distances.mean()), max_distance=float(pair_distances.max()),
-        rollout_images=shown, rollout_maps=maps,
+        rollout_images=shown, rollout_maps=maps, rollout_from=rollout_source(backbone),
     )
 
 
@@ -161,7 +164,7 @@ def to_json(r: Inspection) -> dict:
             "uniform_attention_px": round(r.uniform_distance, 3),
             "class_token_weight": _rounded(r.prefix_weight),  # [layer][head]
         },
-        "rollout": {"maps": _rounded(r.rollout_maps, 5)},  # [image][row][column], class token's row
+        "rollout": {"from": r.rollout_from, "maps": _rounded(r.rollout_maps, 5)},  # maps: [image][row][column]
     }
 
 

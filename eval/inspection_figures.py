@@ -87,8 +87,8 @@ def plot_attention_distance(results: Sequence[Inspection]) -> Figure:
 
 
 def plot_rollout(results: Sequence[Inspection]) -> Figure:
-    """Rows: images; columns: the image, then each checkpoint's rollout map (class token's row,
-    upsampled to the image and scaled to 0..1) over it."""
+    """Rows: images; columns: the image, then each checkpoint's rollout map (from the class token or
+    the patch mean, as its panels say; upsampled to the image and scaled to 0..1) over it."""
     n_img = min(len(r.rollout_maps) for r in results)
     fig = Figure(figsize=(2.0 * (1 + len(results)), 2.0 * n_img + 0.6), layout="constrained")
     axes = fig.subplots(n_img, 1 + len(results), squeeze=False)
@@ -100,14 +100,15 @@ def plot_rollout(results: Sequence[Inspection]) -> Figure:
             heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
             ax.imshow(image.permute(1, 2, 0).numpy())
             ax.imshow(heat.numpy(), cmap="inferno", alpha=0.6)
-            if i == 0:
-                ax.set_title(f"{r.name}\n{r.objective}, step {r.step}", fontsize=7)
+            head = f"{r.name}\n{r.objective}, step {r.step}\n" if i == 0 else ""
+            ax.set_title(f"{head}rollout from {r.rollout_from}", fontsize=7)
         if i == 0:
             axes[i, 0].set_title("image", fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
-    title = ("attention rollout: the class token's row (heads averaged, identity added, layers "
-             "multiplied), upsampled, each map scaled to its own min..max")
+    title = ("attention rollout from the class token's row, or for average pooling the mean of the patch "
+             "rows (heads averaged, identity added, layers multiplied), upsampled, each map scaled to its own "
+             "min..max")
     fig.suptitle(textwrap.fill(title, 30 * (1 + len(results))), fontsize=7)
     return fig
 

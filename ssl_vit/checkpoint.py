@@ -29,6 +29,8 @@ STUDENT_PREFIX = "backbone.vit."  # a DINO student's timm weights inside objecti
 # Version-1 keys -> the prefix their tensors have in the objective's own state dict.
 LEGACY_STATE_KEYS = {"head_state_dict": "head.", "mae_state_dict": "decoder.", "masked_patch_state_dict": "",
                      "student_state_dict": STUDENT_PREFIX}
+# Objective settings added after checkpoints were written -> the value that keeps those checkpoints' behaviour.
+ADDED_OBJECTIVE_SETTINGS = {"masked_patch": {"hybrid_mask": "blank"}}
 
 
 class CheckpointError(UserError):
@@ -111,6 +113,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
             "pass a ckpt.pt written by an ssl_vit recipe, timm:MODEL_NAME, or a .safetensors export"
         )
     ckpt["arch"] = upgrade_arch(ckpt["arch"], ckpt["state_dict"])
+    ckpt["objective_config"] = {**ADDED_OBJECTIVE_SETTINGS.get(ckpt["objective"], {}), **ckpt["objective_config"]}
     return ckpt
 
 

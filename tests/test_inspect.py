@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 from eval.attention import (
+    FROM_CLASS,
+    FROM_PATCH_MEAN,
     attention_rollout,
     mean_attention_distance,
     patch_distances,
@@ -16,8 +18,10 @@ from eval.attention import (
     rollout_map,
 )
 from eval.embeddings import first_layer_filters, position_similarity, similarity_by_distance
-from eval.inspection import main
-from ssl_vit.checkpoint import save_checkpoint
+from eval.inspection import image_loader, inspect_checkpoint, main
+from eval.inspection_figures import plot_rollout
+from ssl_vit.checkpoint import load_backbone, save_checkpoint
+from ssl_vit.data import load_data
 from tests.conftest import tiny_hybrid, tiny_vit
 
 GRID, PATCH_PX, PREFIX = (4, 5), 4, 1
@@ -49,7 +53,14 @@ def test_rollout_of_identity_is_identity_and_of_uniform_mixes_half():
     uniform = torch.full((2, 3, T, T), 1.0 / T)
     expected = 0.5 * torch.eye(T) + 0.5 / T  # (A + I) renormalised, one layer
     assert torch.allclose(attention_rollout([uniform]), expected.expand(2, T, T), atol=1e-6)
-    assert rollout_map(attention_rollout([eye]), PREFIX, GRID).shape == (2, *GRID)
+    assert rollout_map(attention_rollout([eye]), PREFIX, GRID, FROM_CLASS).shape == (2, *GRID)
+
+
+def test_rollout_map_reads_the_class_row_or_the_mean_of_the_patch_rows():
+    rollout = torch.rand(2, T, T)
+    by_hand = rollout[:, PREFIX:, PREFIX:].sum(dim=1) / (T - PREFIX)  # patch rows, patch columns
+    assert torch.allclose(rollout_map(rollout, PREFIX, GRID, FROM_PATCH_MEAN), by_hand.reshape(2, *GRID))
+    assert torch.equal(rollout_map(rollout, PREFIX, GRID, FROM_CLASS), rollout[:, 0, PREFIX:].reshape(2, *GRID))
 
 
 def test_recorded_attention_reproduces_the_fused_attention_output():
@@ -130,8 +141,28 @@ def test_cli_writes_every_figure_with_one_panel_per_checkpoint(tmp_path):
         # a random-init network attends almost uniformly: every head near the grid's mean pairwise distance
         uniform = brute_force_mean_pairwise_distance((4, 4), patch_px)
         np.testing.assert_allclose(dist, uniform, rtol=0.05)
-        assert np.array(ckpt["rollout"]["maps"]).shape == (2, 4, 4)
+        assert np.array(ckpt["rollout"]["maps"]).shape == (2, 4, 4) and ckpt["rollout"]["from"] == FROM_CLASS
         assert np.array(ckpt["position_similarity"]["matrix"]).shape == (16, 16)
+
+
+@pytest.mark.parametrize("pool, source", [("avg", FROM_PATCH_MEAN), ("token", FROM_CLASS)])
+def test_rollout_of_a_checkpoint_starts_from_its_representations_query(tmp_path, pool, source):
+    """Average pooling never uses the class token: its rollout is the mean of the patch rows."""
+    torch.manual_seed(0)
+    path = tmp_path / pool / "ckpt.pt"
+    _save(path, tiny_vit(global_pool=pool))
+    data = load_data("default")
+    result = inspect_checkpoint(str(path), data, 2, 2, 2, torch.device("cpu"))
+    backbone, _ = load_backbone(str(path))
+    images = next(iter(image_loader(data, 16, 2, 2)))["image"]
+    with torch.no_grad(), record_attention(backbone) as layers:
+        backbone.forward_features(images)
+    rollout = attention_rollout(layers)  # [2, 17, 17]
+    rows = rollout[:, 0, 1:] if pool == "token" else rollout[:, 1:, 1:].mean(dim=1)
+    assert result.rollout_from == source
+    torch.testing.assert_close(result.rollout_maps, rows.reshape(2, 4, 4), rtol=0, atol=1e-6)
+    titles = [ax.get_title() for ax in plot_rollout([result]).axes[1::2]]  # the map panels of both rows
+    assert len(titles) == 2 and all(t.endswith(f"rollout from {source}") for t in titles)
 
 
 def test_cli_rejects_a_zero_image_count(tmp_path):

@@ -88,6 +88,44 @@ def test_hybrid_blanked_pixels_do_not_reach_the_network():
     assert not torch.allclose(tokens[0], tokens3[0])
 
 
+def test_hybrid_mask_patches_get_the_learned_mask_embedding_after_the_stem():
+    bb = tiny_hybrid()
+    obj = objective(bb)
+    images = torch.randn(4, 3, 64, 64)
+    tokens, c = corrupt_at_seed(obj, images, 3)
+    masked = c.case == MASK
+    assert masked.any() and (c.case == RANDOM).any()
+    assert torch.equal(tokens[masked], obj.mask_token.expand(int(masked.sum()), -1))  # before position embeddings
+    patches = bb.patchify(images)
+    stem = bb.embed(bb.unpatchify(obj.apply(patches, c, patches.new_zeros(patches.shape[-1])), (4, 4)))
+    assert torch.equal(tokens[~masked], stem[~masked])  # the other tokens: the stem's, of the corrupted pixels
+    assert not torch.allclose(tokens[masked], stem[masked])
+    obj(dict(image=images))[0].backward()
+    assert obj.mask_token.grad is not None and obj.mask_token.grad.abs().sum() > 0
+
+
+def test_hybrid_checkpoints_from_before_the_mask_embedding_keep_blanking(tmp_path):
+    """A hybrid's masked-patch state had no [mask] embedding then: it loads, and corrupts as it did."""
+    import dataclasses
+
+    from ssl_vit.checkpoint import load_backbone, load_checkpoint, save_checkpoint
+    from ssl_vit.objectives import load_objective
+
+    old = objective(tiny_hybrid(), hybrid_mask="blank")
+    assert old.mask_token is None
+    config = dataclasses.asdict(old.cfg)
+    del config["hybrid_mask"]  # the config as it was saved then
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, old.backbone, objective="masked_patch", objective_config=config, train_config={}, step=1,
+                    data=dataclasses.asdict(old.data), objective_state=old.objective_state())
+    assert load_checkpoint(path)["objective_config"]["hybrid_mask"] == "blank"
+    rebuilt = load_objective(path, expect="masked_patch")
+    images = torch.randn(2, 3, 64, 64)
+    assert rebuilt.mask_token is None
+    assert torch.equal(corrupt_at_seed(rebuilt, images, 4)[0], corrupt_at_seed(old.eval(), images, 4)[0])
+    assert torch.equal(load_backbone(path)[0](images), old.backbone(images))
+
+
 # ----- targets -----
 def test_pure_red_patch_is_class_r7_g0_b0():
     obj = objective(tiny_vit())

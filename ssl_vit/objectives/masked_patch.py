@@ -8,9 +8,11 @@ paper's alternatives are selectable: the patch downsized to 4x4 with a 3-bit col
 (16 parallel 512-way predictions), and L2 regression of the full patch.
 
 Corruption happens on patch embeddings, before position embeddings. A hybrid's convolution stem
-sees neighbouring pixels, so for hybrids the same three cases happen in pixel space before the
+sees neighbouring pixels, so for hybrids the three cases first happen in pixel space before the
 stem: the patch is blanked (0, the data mean after normalisation), replaced by another patch's
-pixels, or kept. Targets always come from the un-normalised pixels (0..1) of the augmented image.
+pixels, or kept; then the stem's tokens of the blanked patches are replaced by the [mask]
+embedding, as for a ViT (``--hybrid-mask blank`` stops there, as ssl_vit did before). Targets
+always come from the un-normalised pixels (0..1) of the augmented image.
 
 The order of a step: ``corrupt`` -> the Transformer -> ``head`` on corrupted tokens -> ``loss``
 against ``targets``, computed on corrupted patches only.
@@ -32,6 +34,7 @@ from ..masking import random_masking
 from .base import DataInfo, Objective
 
 TARGETS = ("color3bit", "color3bit_4x4", "pixels_l2")
+HYBRID_MASKS = ("embedding", "blank")
 COLOR_BITS = 3
 LEVELS = 2 ** COLOR_BITS  # 8 levels per channel
 NUM_COLORS = LEVELS ** 3  # 512 classes
@@ -45,14 +48,20 @@ UNTOUCHED, MASK, RANDOM, KEEP = 0, 1, 2, 3
 @dataclass
 class MaskedPatchConfig:
     corruption_rate: float = 0.5  # fraction of each image's patches that are corrupted
-    mask_fraction: float = 0.8  # of the corrupted: replaced by the [mask] embedding (hybrid: blanked)
+    mask_fraction: float = 0.8  # of the corrupted: replaced by the [mask] embedding (hybrid: blanked first)
     random_fraction: float = 0.1  # of the corrupted: replaced by a random patch of another image
     unchanged_fraction: float = 0.1  # of the corrupted: left as they are (but still predicted)
     target: str = "color3bit"  # color3bit | color3bit_4x4 | pixels_l2
+    # Hybrids' [mask] patches, blanked before the stem: "embedding" then replaces their tokens by the
+    # [mask] embedding (the paper's recipe); "blank" keeps the stem's tokens of the blank pixels (checkpoints
+    # written before this setting existed: see checkpoint.ADDED_OBJECTIVE_SETTINGS).
+    hybrid_mask: str = "embedding"
 
     def __post_init__(self):
         if self.target not in TARGETS:
             raise ConfigError(f"--target {self.target!r}: use one of {', '.join(TARGETS)}")
+        if self.hybrid_mask not in HYBRID_MASKS:
+            raise ConfigError(f"--hybrid-mask {self.hybrid_mask!r}: use one of {', '.join(HYBRID_MASKS)}")
         if not 0.0 < self.corruption_rate < 1.0:
             raise ConfigError(f"--corruption-rate {self.corruption_rate} must lie strictly between 0 and 1")
         split = (self.mask_fraction, self.random_fraction, self.unchanged_fraction)
@@ -122,9 +131,9 @@ class MaskedPatchPrediction(Objective):
                 f"at image size {data.img_size} with a total stride of {p} gives a {side}x{side} grid; "
                 f"use --img-size {2 * p} or larger (a multiple of {p})"
             )
-        # The [mask] embedding replaces patch embeddings; hybrids blank pixels instead, so they have none.
+        # The [mask] embedding replaces patch embeddings (a hybrid's after the stem, unless --hybrid-mask blank).
         self.mask_token = None
-        if not backbone.is_hybrid:
+        if not (backbone.is_hybrid and cfg.hybrid_mask == "blank"):
             self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim))  # 1-D: no weight decay (timm)
             nn.init.trunc_normal_(self.mask_token, std=0.02)
         out = {"color3bit": NUM_COLORS, "color3bit_4x4": CELLS * CELLS * NUM_COLORS, "pixels_l2": p * p * 3}
@@ -148,27 +157,35 @@ class MaskedPatchPrediction(Objective):
         return Corruption(masking.masked, case, source)
 
     @staticmethod
-    def apply(x: torch.Tensor, corruption: Corruption, fill: torch.Tensor) -> torch.Tensor:
+    def fill_masked(x: torch.Tensor, corruption: Corruption, fill: torch.Tensor) -> torch.Tensor:
+        """x [B, N, X] (embeddings or pixels) -> [B, N, X]: MASK rows become ``fill`` [X], the rest stay."""
+        return torch.where(corruption.case.unsqueeze(-1) == MASK, fill.to(x.dtype), x)
+
+    @classmethod
+    def apply(cls, x: torch.Tensor, corruption: Corruption, fill: torch.Tensor) -> torch.Tensor:
         """x [B, N, X] (embeddings or pixels) -> [B, N, X]: MASK rows become ``fill`` [X], RANDOM
         rows a copy of the source row, KEEP and UNTOUCHED rows stay."""
-        case = corruption.case.unsqueeze(-1)
-        out = torch.where(case == MASK, fill.to(x.dtype), x)
-        return torch.where(case == RANDOM, x.flatten(0, 1)[corruption.source], out)
+        out = cls.fill_masked(x, corruption, fill)
+        return torch.where(corruption.case.unsqueeze(-1) == RANDOM, x.flatten(0, 1)[corruption.source], out)
 
     def corrupt(self, images: torch.Tensor) -> tuple[torch.Tensor, Corruption]:
         """images [B, C, H, W] (normalised) -> (patch embeddings [B, N, D] after corruption, what was done).
 
         ViT: on embeddings, [mask] = the learnable embedding. Hybrid: in pixel space before the
-        stem, [mask] = blank (0), so a hidden patch never reaches the convolutions.
+        stem, [mask] = blank (0), so a hidden patch never reaches the convolutions; then the stem's
+        tokens of the blanked patches become the learnable embedding (unless --hybrid-mask blank).
         """
         bb = self.backbone
         grid = bb.grid_size(images)
         corruption = self.draw(images.shape[0], grid[0] * grid[1], images.device)
-        if self.mask_token is not None:
+        if not bb.is_hybrid:
             return self.apply(bb.embed(images), corruption, self.mask_token), corruption
         patches = bb.patchify(images)
         blank = patches.new_zeros(patches.shape[-1])
-        return bb.embed(bb.unpatchify(self.apply(patches, corruption, blank), grid)), corruption
+        tokens = bb.embed(bb.unpatchify(self.apply(patches, corruption, blank), grid))
+        if self.mask_token is not None:
+            tokens = self.fill_masked(tokens, corruption, self.mask_token)
+        return tokens, corruption
 
     # ----- targets and loss -----
     @torch.no_grad()

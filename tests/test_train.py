@@ -189,6 +189,16 @@ def test_changed_settings_refuse_to_resume(tmp_path):
         _recipe(tmp_path / "run", "--steps", "0", "--lr", "0.5")
 
 
+def test_a_run_folder_from_before_a_setting_existed_resumes_at_the_value_it_ran_with(tmp_path):
+    _recipe(tmp_path / "run", "--steps", "2", "--stop-at", "1")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    del config["train"]["clip_grad_mode"]  # as written before the setting existed: clipped by global norm
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"clip_grad_mode: 'norm' -> 'per_param'"):
+        _recipe(tmp_path / "run", "--steps", "2", "--clip-grad-mode", "per_param")
+    assert load_checkpoint(_recipe(tmp_path / "run", "--steps", "2"))["step"] == 2
+
+
 def _poison_call(monkeypatch, call: int) -> None:
     """Make the supervised loss NaN on the given forward call (1-based)."""
     forward, calls = Supervised.forward, {"n": 0}

@@ -15,7 +15,7 @@ from typing import Optional
 
 from accelerate import Accelerator
 
-from ..checkpoint import CheckpointError, DiskFullError, atomic_write, disk_full
+from ..checkpoint import ADDED_OBJECTIVE_SETTINGS, CheckpointError, DiskFullError, atomic_write, disk_full
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..names import folder_safe
@@ -30,6 +30,17 @@ def default_out(run: RunConfig) -> str:
     """``runs/<objective>-<data folder or file name>-<model>`` (a file's suffix kept, as it always was)."""
     data = folder_safe(os.path.basename(os.path.normpath(run.train.data)))
     return os.path.join("runs", f"{run.objective}-{data}-{run.backbone.model}")
+
+
+# Loop settings added after run folders were written -> the value those runs trained with.
+ADDED_TRAIN_SETTINGS = {"clip_grad_mode": "norm"}
+
+
+def _with_added_settings(config: dict) -> dict:
+    """An older config.json, completed with the settings added since at the values it ran with."""
+    added = ADDED_OBJECTIVE_SETTINGS.get(config.get("objective"), {})
+    return {**config, "train": {**ADDED_TRAIN_SETTINGS, **config.get("train", {})},
+            "objective_config": {**added, **config.get("objective_config", {})}}
 
 
 def _flat(d: dict) -> dict:
@@ -49,7 +60,7 @@ def check_config(out: str, run: RunConfig) -> None:
             old = json.load(fh)
         if old.get("objective") != new["objective"]:
             raise ConfigError(f"{out} holds a {old.get('objective')} run; pass a new --out")
-        a, b = _flat(old), _flat(new)
+        a, b = _flat(_with_added_settings(old)), _flat(new)
         diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b)
                 if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES}
         if diff:

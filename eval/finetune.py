@@ -1,19 +1,25 @@
-"""Fine-tuning: the whole backbone plus a new zero-initialised linear head, through the ONE training
+"""Fine-tuning: the whole backbone plus a new linear head, through the ONE training
 loop (``ssl_vit.train.Trainer``, on Accelerate: ``accelerate launch -m eval.finetune ...`` runs it
 on many GPUs).
 
     python -m eval.finetune CKPT [CKPT ...] --data NAME_OR_PATH [--protocol paper|mae] [--img-size 64]
 
 ``--protocol paper`` (ViT paper section 3.2, appendix B.1.1): SGD with momentum 0.9 (not Nesterov),
-no weight decay, gradient clipping at norm 1, linear warmup then cosine decay, zero-initialised
-D x K head, batch 512; the paper's CIFAR grid is 10k steps with lr in {0.001, 0.003, 0.01, 0.03}.
-``--protocol mae`` (MAE ``main_finetune.py``): AdamW, lr 5e-4 x batch / 256, weight decay 0.05,
-layer-wise lr decay 0.65 (layers from timm's ``group_matcher``), drop-path 0.1, Mixup 0.8 /
-CutMix 1.0, label smoothing 0.1, RandAugment rand-m9-mstd0.5-inc1 (timm), no clipping.
+no weight decay, gradient clipping at norm 1, linear warmup (10% of the steps) then cosine decay to
+0, zero-initialised D x K head, the checkpoint's pooling, batch 512; the paper's CIFAR grid is 10k
+steps with lr in {0.001, 0.003, 0.01, 0.03}.
+``--protocol mae`` (MAE ``main_finetune.py``, ``models_vit.py`` and FINETUNE.md): AdamW, lr 5e-4 x
+batch / 256, weight decay 0.05, warmup 5% of the steps (5 of 100 epochs) then cosine decay to 1e-6,
+layer-wise lr decay (layers from timm's ``group_matcher``) and drop-path by width (``MAE_SIZES``),
+Mixup 0.8 / CutMix 1.0, label smoothing 0.1, RandAugment rand-m9-mstd0.5-inc1 and random erasing
+0.25 (timm), no clipping; the head's weights from a truncated normal of std 2e-5 and a zero bias;
+global average pooling of the patch tokens then a fresh LayerNorm, the final per-token norm dropped
+(``fc_norm``, as ``models_vit.py`` with ``global_pool``); fixed sin-cos position embeddings become
+trainable ones (MAE loads them into a learnable ``pos_embed``). Every setting has its flag.
 
 ``--img-size`` larger than the checkpoint's keeps the patch size and resamples the position
 embeddings in 2-D. Defaults: batch 512 and 500 steps on a GPU; 64 and 200 steps on a CPU (so a
-run takes minutes); warmup 10% of the steps. Each (checkpoint, data) pair trains in its own run
+run takes minutes). Each (checkpoint, data) pair trains in its own run
 folder ``<--out>/finetune-<protocol>-<checkpoint>-<data>[-<settings>]`` (config.json,
 metrics.jsonl, ckpt.pt), where ``<settings>`` names every setting given on the command line
 (``lr_0.003-steps_500``), so runs that differ only in settings never share a folder; the reported
@@ -22,16 +28,18 @@ accuracy is the Trainer's test accuracy at the last step.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ssl_vit.backbone import BackboneConfig
+from ssl_vit.backbone import BackboneConfig, token_width
 from ssl_vit.checkpoint import backbone_info, load_checkpoint
-from ssl_vit.config import RunConfig, TrainConfig
+from ssl_vit.config import RunConfig, TrainConfig, unwrap_optional
 from ssl_vit.names import folder_safe, short_name
 from ssl_vit.objectives.supervised import SupervisedConfig
 from ssl_vit.train import Trainer
@@ -45,6 +53,8 @@ class Protocol:
     optimizer: str  # a timm optimizer name ("momentum" is SGD with classical momentum 0.9)
     lr: float
     lr_ref_batch: Optional[int]  # lr is given at this batch size and scaled linearly (MAE)
+    min_lr: float  # the floor of the cosine decay
+    warmup_fraction: float  # warmup as a fraction of the steps (--warmup-steps: in steps)
     weight_decay: float
     clip_grad: float  # 0: no clipping
     layer_decay: Optional[float]
@@ -53,12 +63,33 @@ class Protocol:
     mixup: float
     cutmix: float
     randaugment: Optional[str]  # timm RandAugment spec
+    random_erasing: float  # probability of timm's RandomErasing (pixel mode, one box)
+    head_init_std: float  # 0: zero head (the paper's); > 0: truncated normal weights of this std, zero bias
+    global_pool: Optional[str]  # token | avg; None: the checkpoint's
+    fc_norm: Optional[bool]  # with avg: a fresh norm after averaging, none per token (MAE); None: the checkpoint's
+    train_pos_embed: bool  # a checkpoint's fixed sin-cos position embeddings are trained (MAE) or stay fixed
+
+    def __post_init__(self):
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise EvalError(f"--warmup-fraction {self.warmup_fraction}: use a fraction of the steps in [0, 1)")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise EvalError(f"--layer-decay {self.layer_decay}: use a value in (0, 1] (1: no decay)")
 
 
 PROTOCOLS = {
-    "paper": Protocol("momentum", 0.01, None, 0.0, 1.0, None, 0.0, 0.0, 0.0, 0.0, None),
-    "mae": Protocol("adamw", 5e-4, 256, 0.05, 0.0, 0.65, 0.1, 0.1, 0.8, 1.0, "rand-m9-mstd0.5-inc1"),
+    "paper": Protocol(optimizer="momentum", lr=0.01, lr_ref_batch=None, min_lr=0.0, warmup_fraction=0.1, weight_decay=0.0,
+                      clip_grad=1.0, layer_decay=None, drop_path_rate=0.0, label_smoothing=0.0, mixup=0.0,
+                      cutmix=0.0, randaugment=None, random_erasing=0.0, head_init_std=0.0, global_pool=None,
+                      fc_norm=None, train_pos_embed=False),
+    # MAE FINETUNE.md (ViT-B: 100 epochs, 5 of warmup); layer decay and drop-path by size: MAE_SIZES
+    "mae": Protocol(optimizer="adamw", lr=5e-4, lr_ref_batch=256, min_lr=1e-6, warmup_fraction=0.05, weight_decay=0.05,
+                    clip_grad=0.0, layer_decay=0.65, drop_path_rate=0.1, label_smoothing=0.1, mixup=0.8,
+                    cutmix=1.0, randaugment="rand-m9-mstd0.5-inc1", random_erasing=0.25, head_init_std=2e-5,
+                    global_pool="avg", fc_norm=True, train_pos_embed=True),
 }
+# MAE FINETUNE.md's (token width, layer decay, drop-path) of ViT-B, L and H. A model takes the row
+# of the largest of these widths it reaches; narrower ones (Ti, S: 12 layers, as B) take ViT-B's.
+MAE_SIZES = ((768, 0.65, 0.1), (1024, 0.75, 0.2), (1280, 0.75, 0.3))
 GPU_STEPS, GPU_BATCH = 500, 512  # the paper's short schedule (Pets, Flowers) and batch
 CPU_STEPS, CPU_BATCH = 200, 64  # minutes on a laptop CPU
 CROP_SCALE = (0.35, 1.0)  # random resized crop; small images have little to spare (ImageNet: 0.08)
@@ -72,27 +103,50 @@ def settings_tag(args) -> list[str]:
     return [folder_safe(f"{k}_{v}") for k, v in given.items() if v is not None]
 
 
-def build_run(spec: str, data: str, args, protocol: Protocol) -> RunConfig:
-    """The RunConfig of one fine-tuning run: the supervised objective with a zero-initialised head,
-    the backbone initialised from ``spec`` at ``--img-size``."""
+def protocol_for(args, width: int) -> Protocol:
+    """``--protocol``'s settings for a backbone of token width ``width`` (MAE: layer decay and
+    drop-path by size), with every setting given on the command line in their place."""
+    protocol = PROTOCOLS[args.protocol]
+    if args.protocol == "mae":
+        _, layer_decay, drop_path_rate = max((row for row in MAE_SIZES if row[0] <= width), default=MAE_SIZES[0])
+        protocol = dataclasses.replace(protocol, layer_decay=layer_decay, drop_path_rate=drop_path_rate)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Protocol) if getattr(args, f.name) is not None}
+    return dataclasses.replace(protocol, **overrides)
+
+
+def finetune_arch(arch: dict, args, protocol: Protocol) -> dict:
+    """The checkpoint's architecture as fine-tuned: ``--img-size``, drop-path, pooling (a norm after
+    averaging only with average pooling) and sin-cos position embeddings made trainable (their
+    values come from the checkpoint through --init)."""
+    pool = protocol.global_pool or arch["global_pool"]
+    fc_norm = arch["fc_norm"] if protocol.fc_norm is None else protocol.fc_norm and pool == "avg"
+    trained_pos = "learned" if protocol.train_pos_embed else arch["pos_embed"]
+    return {**arch, "img_size": args.img_size or arch["img_size"], "drop_path_rate": protocol.drop_path_rate,
+            "global_pool": pool, "fc_norm": fc_norm, "pos_embed": trained_pos}
+
+
+def build_run(spec: str, data: str, args) -> RunConfig:
+    """The RunConfig of one fine-tuning run: the supervised objective with a new head, the backbone
+    initialised from ``spec`` at ``--img-size``."""
     info = backbone_info(spec)  # a clear error for a missing or foreign checkpoint, before training
-    arch = dict(info["arch"])
-    arch["img_size"] = args.img_size or arch["img_size"]
-    arch["drop_path_rate"] = protocol.drop_path_rate
+    protocol = protocol_for(args, token_width(BackboneConfig(**info["arch"])))
+    backbone = BackboneConfig(**finetune_arch(info["arch"], args, protocol))
     cuda = torch.cuda.is_available() and args.device != "cpu"
+    steps = args.steps or (GPU_STEPS if cuda else CPU_STEPS)
     train = TrainConfig(
         data=data, image_column=args.image_column, label_column=args.label_column, num_workers=args.num_workers,
-        crop_scale=tuple(args.crop_scale), randaugment=protocol.randaugment, steps=args.steps or (GPU_STEPS if cuda else CPU_STEPS),
-        batch_size=args.batch_size or (GPU_BATCH if cuda else CPU_BATCH), init=spec,
+        crop_scale=tuple(args.crop_scale), randaugment=protocol.randaugment, random_erasing=protocol.random_erasing,
+        steps=steps, batch_size=args.batch_size or (GPU_BATCH if cuda else CPU_BATCH), init=spec,
         optimizer=protocol.optimizer, layer_decay=protocol.layer_decay, lr=protocol.lr,
-        lr_ref_batch=protocol.lr_ref_batch, warmup_steps=args.warmup_steps, weight_decay=protocol.weight_decay,
+        lr_ref_batch=protocol.lr_ref_batch, min_lr=protocol.min_lr, weight_decay=protocol.weight_decay,
+        warmup_steps=args.warmup_steps if args.warmup_steps is not None else int(protocol.warmup_fraction * steps),
         clip_grad=protocol.clip_grad, precision="bf16" if cuda else "no", seed=args.seed,
         out=os.path.join(args.out, "-".join(["finetune", args.protocol, folder_safe(short_name(spec)),
                                              folder_safe(short_name(data)), *settings_tag(args)])),
     )
-    objective = SupervisedConfig(label_smoothing=protocol.label_smoothing, mixup=protocol.mixup,
-                                 cutmix=protocol.cutmix, zero_head=True)
-    return RunConfig("supervised", train, BackboneConfig(**arch), objective)
+    objective = SupervisedConfig(label_smoothing=protocol.label_smoothing, mixup=protocol.mixup, cutmix=protocol.cutmix,
+                                 zero_head=protocol.head_init_std == 0, head_init_std=protocol.head_init_std)
+    return RunConfig("supervised", train, backbone, objective)
 
 
 def finetune(run: RunConfig) -> tuple[dict, bool]:
@@ -102,17 +156,30 @@ def finetune(run: RunConfig) -> tuple[dict, bool]:
     results = load_checkpoint(trainer.run()).get("results") or {}
     if "test_accuracy" not in results:
         raise EvalError(f"{run.train.data}: the run reported no test accuracy (no labelled test split?)")
-    tc, oc = run.train, run.objective_config
+    tc, oc, bc = run.train, run.objective_config, run.backbone
     return {
         "accuracy": results["test_accuracy"], "epochs": epochs, "steps": tc.steps, "batch_size": tc.batch_size,
-        "lr": tc.lr, "lr_ref_batch": tc.lr_ref_batch, "optimizer": tc.optimizer, "weight_decay": tc.weight_decay,
-        "layer_decay": tc.layer_decay, "clip_grad": tc.clip_grad, "img_size": run.backbone.img_size,
-        "drop_path_rate": run.backbone.drop_path_rate, "label_smoothing": oc.label_smoothing, "mixup": oc.mixup,
-        "cutmix": oc.cutmix, "randaugment": tc.randaugment, "run": trainer.out,
+        "lr": tc.lr, "lr_ref_batch": tc.lr_ref_batch, "min_lr": tc.min_lr, "warmup_steps": tc.warmup_steps,
+        "optimizer": tc.optimizer, "weight_decay": tc.weight_decay, "layer_decay": tc.layer_decay,
+        "clip_grad": tc.clip_grad, "img_size": bc.img_size, "drop_path_rate": bc.drop_path_rate,
+        "global_pool": bc.global_pool, "fc_norm": bc.fc_norm, "pos_embed": bc.pos_embed,
+        "head_init_std": oc.head_init_std, "label_smoothing": oc.label_smoothing, "mixup": oc.mixup,
+        "cutmix": oc.cutmix, "randaugment": tc.randaugment, "random_erasing": tc.random_erasing,
+        "crop_scale": list(tc.crop_scale), "run": trainer.out,
     }, trainer.acc.is_main_process
 
 
-def main(argv: Optional[list[str]] = None) -> list[dict]:
+def protocol_help(name: str) -> str:
+    """The --help line of a protocol setting: each protocol's default."""
+    defaults = {n: getattr(p, name) for n, p in PROTOCOLS.items()}
+    if name in ("layer_decay", "drop_path_rate"):
+        column = 1 if name == "layer_decay" else 2
+        sizes = zip(("ViT-B and narrower", "ViT-L", "ViT-H"), MAE_SIZES)
+        defaults["mae"] = "by width (" + ", ".join(f"{n} ({row[0]}): {row[column]}" for n, row in sizes) + ")"
+    return "default: the protocol's (" + ", ".join(f"{n}: {v}" for n, v in defaults.items()) + ")"
+
+
+def build_parser():
     parser = base_parser(__doc__, batch_size=None,
                          batch_help=f"images per optimizer step over all processes (default: {GPU_BATCH} "
                                     f"with a GPU, {CPU_BATCH} on a CPU)")
@@ -122,31 +189,37 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--img-size", type=positive_int, default=None,
                         help="fine-tuning resolution (default: the checkpoint's); larger resamples the "
                              "position embeddings")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of the steps")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="default: --warmup-fraction x the steps")
     parser.add_argument("--crop-scale", type=float, nargs=2, default=CROP_SCALE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs", help="parent folder of the run folders")
+    hints = typing.get_type_hints(Protocol)
     for f in dataclasses.fields(Protocol):  # every protocol setting can be overridden
-        kind = str if f.name in ("optimizer", "randaugment") else int if f.name == "lr_ref_batch" else float
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
-                            help="default: the protocol's (" + ", ".join(
-                                f"{n}: {getattr(p, f.name)}" for n, p in PROTOCOLS.items()) + ")")
-    args = parser.parse_args(argv)
+        kind, _ = unwrap_optional(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=protocol_help(f.name))
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=protocol_help(f.name))
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
     if args.device not in (None, "cpu"):
         raise EvalError(f"--device {args.device}: fine-tuning runs on Accelerate, which picks the GPUs; "
                         "choose them with CUDA_VISIBLE_DEVICES or accelerate launch, or pass --device cpu")
     if args.device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Protocol)
-                 if getattr(args, f.name) is not None}
-    protocol = dataclasses.replace(PROTOCOLS[args.protocol], **overrides)
-
-    records, main_process = [], True
+    runs = []  # every setting, checkpoint and data set checked before the first run trains
     for spec in args.checkpoints:
         for data in data_specs(args):
             labelled_source(data, args.image_column, args.label_column)  # evaluation needs labels
-            record, main_process = finetune(build_run(spec, data, args, protocol))
-            records.append({"checkpoint": spec, "data": data, "protocol": args.protocol, **record})
+            runs.append((spec, data, build_run(spec, data, args)))
+    records, main_process = [], True
+    for spec, data, run in runs:
+        record, main_process = finetune(run)
+        records.append({"checkpoint": spec, "data": data, "protocol": args.protocol, **record})
     if main_process:
         print_table(["checkpoint", "data", "accuracy (%)", "steps", "epochs", "img_size", "run"],
                     [[r["checkpoint"], r["data"], percent(r["accuracy"]), r["steps"], f"{r['epochs']:.2f}",

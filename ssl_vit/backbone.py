@@ -108,6 +108,13 @@ def _timm_kwargs(cfg: BackboneConfig) -> tuple[str, dict]:
     )
 
 
+def token_width(cfg: BackboneConfig) -> int:
+    """The width D of the tokens of ``cfg``'s model, found without allocating its weights."""
+    name, kwargs = _timm_kwargs(cfg)
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, **kwargs).embed_dim
+
+
 def _check_divisible(model: str, img_size: int, stem_stride: int, embed_patch: int) -> None:
     """Refuse an image size that the model's pixels per token (stem stride x patch) do not divide."""
     p = stem_stride * embed_patch

@@ -162,6 +162,18 @@ def load_weights(backbone: Backbone, state_dict: dict[str, torch.Tensor], source
         ) from err
 
 
+def init_weights(backbone: Backbone, source: Backbone) -> dict[str, torch.Tensor]:
+    """``source``'s weights for starting ``backbone`` (--init). A backbone that normalises after
+    averaging (``fc_norm``) from a source that normalised every token drops the source's final norm
+    and starts its own norm fresh, as MAE's fine-tuning does with its pretrained encoder."""
+    state = source.vit.state_dict()
+    own = backbone.vit.state_dict()
+    if "fc_norm.weight" in own and "fc_norm.weight" not in state:
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+        state.update({k: v for k, v in own.items() if k.startswith("fc_norm.")})
+    return state
+
+
 def student_weights(ckpt: dict, path: str) -> dict[str, torch.Tensor]:
     """A DINO checkpoint's student backbone (timm key names); its saved backbone is the teacher."""
     weights = {k[len(STUDENT_PREFIX):]: v for k, v in objective_state(ckpt).items() if k.startswith(STUDENT_PREFIX)}

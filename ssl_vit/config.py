@@ -37,6 +37,7 @@ class TrainConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop scale range
     hflip: bool = True
     randaugment: Optional[str] = None  # timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1" (MAE fine-tuning)
+    random_erasing: float = 0.0  # probability of timm's RandomErasing (pixel mode, one box; MAE fine-tuning: 0.25)
     # optimisation
     steps: int = 1000  # optimizer steps; 0 writes the random-init checkpoint
     stop_at: Optional[int] = None  # stop early at this step and write ckpt.pt (the schedule keeps --steps)
@@ -73,6 +74,8 @@ class TrainConfig:
             if getattr(self, name) < low:
                 raise ConfigError(f"{_flag(name)} {getattr(self, name)}: must be >= {low}"
                                   + (" (0: at the end only)" if low == 0 and name.endswith("_every") else ""))
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise ConfigError(f"--random-erasing {self.random_erasing}: use a probability in [0, 1]")
         if self.stop_at is not None and self.stop_at < 0:
             raise ConfigError(f"--stop-at {self.stop_at}: must be >= 0")
 
@@ -101,7 +104,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls, defaults: dict, group: str
     hints = typing.get_type_hints(cls)
     g = parser.add_argument_group(group)
     for f in dataclasses.fields(cls):
-        tp, _ = _unwrap_optional(hints[f.name])
+        tp, _ = unwrap_optional(hints[f.name])
         default = defaults.get(f.name, f.default)
         origin = typing.get_origin(tp)
         if tp is bool:
@@ -134,7 +137,7 @@ def _read_config_file(path: str) -> dict:
 KIND_NAMES = {int: "whole number", float: "number", bool: "boolean (true or false)", str: "string"}
 
 
-def _unwrap_optional(tp):
+def unwrap_optional(tp):
     """(X, whether None is allowed) for Optional[X]; (tp, False) otherwise."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -144,7 +147,7 @@ def _unwrap_optional(tp):
 
 def _typed(name: str, value, tp, path: str):
     """``value`` from a config file as the field's type, or a ConfigError naming the setting and the file."""
-    tp, optional = _unwrap_optional(tp)
+    tp, optional = unwrap_optional(tp)
     if value is None and optional:
         return None
     kinds = typing.get_args(tp)

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from timm.layers import resample_abs_pos_embed
 
 from conftest import tiny_hybrid, tiny_vit
-from ssl_vit.checkpoint import (CheckpointError, backbone_info, export_safetensors, load_backbone, load_checkpoint,
-                                load_weights, save_checkpoint)
+from ssl_vit.checkpoint import (CheckpointError, backbone_info, export_safetensors, init_weights, load_backbone,
+                                load_checkpoint, load_weights, save_checkpoint)
 
 
 def _save(path, backbone):
@@ -82,6 +82,21 @@ def test_weights_of_another_architecture(tmp_path):
     small = load_checkpoint(_save(tmp_path / "ckpt.pt", tiny_vit()))["state_dict"]
     with pytest.raises(CheckpointError, match="another architecture"):
         load_weights(tiny_vit(depth=3), small)
+
+
+def test_init_with_a_norm_after_averaging_starts_it_fresh_and_drops_the_final_norm():
+    """MAE's fine-tuning (models_vit.py, global_pool): the pretrained final norm is deleted and the
+    norm after averaging starts as a fresh LayerNorm (weight 1, bias 0); every other weight is loaded."""
+    source = tiny_vit().eval()
+    with torch.no_grad():
+        source.vit.norm.weight.normal_()  # a trained final norm
+    target = tiny_vit(global_pool="avg", fc_norm=True)
+    state = init_weights(target, source)
+    assert not any(k.startswith("norm.") for k in state)
+    assert torch.equal(state["fc_norm.weight"], torch.ones(192)) and not state["fc_norm.bias"].any()
+    load_weights(target, state)
+    kept = source.vit.state_dict()
+    assert all(torch.equal(v, kept[k]) for k, v in target.vit.state_dict().items() if not k.startswith("fc_norm."))
 
 
 def test_higher_resolution_resamples_position_embeddings(tmp_path):

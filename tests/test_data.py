@@ -119,3 +119,23 @@ def test_streaming_parquet(tmp_path):
     # the same rows as the uninterrupted stream's second batch, with the same augmentation
     assert torch.equal(again["label"], second["label"]) and torch.equal(again["image"], second["image"])
     assert not torch.equal(again["label"], first["label"])
+
+
+def test_random_erasing_in_the_training_transform():
+    """--random-erasing p reaches the training augmentation: timm's RandomErasing fills one box of the
+    normalised image with per-pixel noise (pixel mode), so a uniform image is uniform no longer."""
+    from ssl_vit.config import TrainConfig
+    from ssl_vit.data import MEAN, STD
+    from ssl_vit.objectives import DataInfo, get_objective
+
+    grey = Image.new("RGB", (16, 16), (120, 120, 120))
+    data = DataInfo("grey", 2, None, MEAN, STD, 16)
+
+    def spread(probability: float) -> float:
+        tc = TrainConfig(random_erasing=probability, crop_scale=(1.0, 1.0), hflip=False)
+        torch.manual_seed(0)
+        image = get_objective("supervised").train_transform(tc, None, data)(grey)
+        return image.flatten(1).std(1).max().item()  # within each channel
+
+    assert spread(0.0) < 1e-5
+    assert spread(1.0) > 0.1

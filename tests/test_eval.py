@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from conftest import tiny_hybrid, tiny_vit
+from ssl_vit.backbone import build_backbone
 
 from eval import features as features_mod
 from eval import fewshot as fewshot_mod
@@ -206,6 +207,77 @@ def test_finetune_at_higher_resolution(tiny_ckpt, tmp_path, capsys):
     assert load_objective(ckpt).logits(torch.randn(3, 3, 32, 32)).shape == (3, 10)
 
 
+def test_mae_finetune_trains_the_sincos_position_embeddings_and_pools_as_mae(tmp_path, capsys):
+    """--protocol mae on a checkpoint with fixed sin-cos positions: they load into a trainable
+    pos_embed that moves (it got a gradient); patch tokens are averaged then normalised by a fresh
+    fc_norm with no final per-token norm (models_vit.py, global_pool); the settings are recorded."""
+    torch.manual_seed(0)
+    mae = _save(tmp_path / "mae.pt", tiny_vit(pos_embed="sincos"))
+    out = tmp_path / "ft.json"
+    _run(finetune_mod, [mae, "--data", "default", "--protocol", "mae", "--steps", "2", "--batch-size", "8",
+                        "--num-workers", "0", "--out", str(tmp_path / "runs"), "--json", str(out)], capsys)
+    (record,) = json.loads(out.read_text())
+    assert {k: record[k] for k in ("lr", "lr_ref_batch", "weight_decay", "min_lr", "layer_decay", "drop_path_rate",
+                                   "label_smoothing", "mixup", "cutmix", "random_erasing", "head_init_std",
+                                   "global_pool", "fc_norm", "pos_embed", "clip_grad")} == {
+        "lr": 5e-4, "lr_ref_batch": 256, "weight_decay": 0.05, "min_lr": 1e-6, "layer_decay": 0.65,
+        "drop_path_rate": 0.1, "label_smoothing": 0.1, "mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25,
+        "head_init_std": 2e-5, "global_pool": "avg", "fc_norm": True, "pos_embed": "learned", "clip_grad": 0.0}
+    ckpt = load_checkpoint(f"{record['run']}/ckpt.pt")
+    assert ckpt["arch"]["pos_embed"] == "learned" and ckpt["arch"]["fc_norm"] and ckpt["arch"]["global_pool"] == "avg"
+    source, tuned = load_checkpoint(mae)["state_dict"], ckpt["state_dict"]
+    assert not torch.equal(tuned["pos_embed"][:, 1:], source["pos_embed"][:, 1:])  # trained, from the sin-cos table
+    assert (tuned["pos_embed"] - source["pos_embed"]).abs().max() < 1e-3  # ...which it started from
+    assert "fc_norm.weight" in tuned and not any(k.startswith("norm.") for k in tuned)
+
+
+def test_mae_protocol_schedule_and_layer_decay_drop_path_by_width(tiny_ckpt):
+    """MAE FINETUNE.md: warmup 5 of 100 epochs (5% of the steps) to blr x batch / 256, cosine to 1e-6;
+    layer decay / drop-path 0.65 / 0.1 for ViT-B (and Ti, S), 0.75 / 0.2 for L, 0.75 / 0.3 for H; flags win."""
+    from ssl_vit.objectives import DataInfo, get_objective
+    from ssl_vit.train.optim import build_optimizer, build_schedule
+
+    def run(spec, *flags):
+        args = finetune_mod.build_parser().parse_args([spec, "--protocol", "mae", "--steps", "100", *flags])
+        return finetune_mod.build_run(spec, "default", args)
+
+    tc = run(tiny_ckpt, "--batch-size", "512").train
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=5e-4 * 512 / 256)
+    schedule = build_schedule(optimizer, tc)
+    lrs = []
+    for t in range(1, tc.steps + 2):
+        schedule.step_update(t)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[:5] == pytest.approx([1e-3 * t / 5 for t in range(1, 6)])  # the peak at 5% of the steps
+    assert lrs[-1] == pytest.approx(1e-6) and min(lrs[5:]) == pytest.approx(1e-6)
+    sizes = {tiny_ckpt: (0.65, 0.1), "timm:vit_base_patch16_224": (0.65, 0.1),
+             "timm:vit_large_patch16_224": (0.75, 0.2), "timm:vit_huge_patch14_224": (0.75, 0.3)}
+    for spec, expected in sizes.items():
+        r = run(spec)
+        assert (r.train.layer_decay, r.backbone.drop_path_rate) == expected, spec
+    r = run(tiny_ckpt, "--layer-decay", "0.9", "--drop-path-rate", "0.05")
+    assert (r.train.layer_decay, r.backbone.drop_path_rate) == (0.9, 0.05)
+    # the decay reaches the optimizer: position embeddings (layer 0 of depth 2) at 0.65^3, the head at 1
+    r = run(tiny_ckpt)
+    objective = get_objective("supervised")(build_backbone(r.backbone), r.objective_config,
+                                            DataInfo("default", 10, None, (0.5,) * 3, (0.5,) * 3, 16))
+    scales = {id(p): g["lr_scale"] for g in build_optimizer(objective, r.train, fused=False).param_groups
+              for p in g["params"]}
+    assert scales[id(objective.backbone.vit.pos_embed)] == pytest.approx(0.65 ** 3)
+    assert scales[id(objective.head[-1].weight)] == 1.0
+
+
+def test_mae_head_starts_with_tiny_random_weights_and_zero_bias():
+    """main_finetune.py: trunc_normal_(head.weight, std=2e-5); the bias stays at timm's 0."""
+    from ssl_vit.objectives import DataInfo
+    from ssl_vit.objectives.supervised import Supervised, SupervisedConfig
+
+    torch.manual_seed(0)
+    head = Supervised(tiny_vit(), SupervisedConfig(head_init_std=2e-5),
+                      DataInfo("default", 10, None, (0.5,) * 3, (0.5,) * 3, 16)).head[-1]
+    assert not head.bias.any() and head.weight.std().item() == pytest.approx(2e-5, rel=0.1)
+
+
 def test_linear_probe_learns_separable_features():
     g = torch.Generator().manual_seed(1)  # not the probe's seed 0: its initial head would equal 0.01 x the centres
     classes, dim = 4, 16
@@ -247,6 +319,18 @@ def test_bad_inputs(tiny_ckpt, tmp_path, capsys):
     unlabelled = [tiny_ckpt, "--data", str(tmp_path / "unlabelled.parquet")]
     assert "evaluation needs labels" in _error(knn_mod, unlabelled + cache, capsys)
     assert "evaluation needs labels" in _error(finetune_mod, unlabelled + ["--out", str(tmp_path)], capsys)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--warmup-fraction", "1.5"], "--warmup-fraction 1.5: use a fraction of the steps in [0, 1)"),
+    (["--layer-decay", "0"], "--layer-decay 0.0: use a value in (0, 1]"),
+    (["--random-erasing", "2"], "--random-erasing 2.0: use a probability in [0, 1]"),
+    (["--head-init-std", "-1"], "--head-init-std -1.0: must be >= 0"),
+    (["--global-pool", "max"], "--global-pool 'max': use 'token' or 'avg'"),
+])
+def test_bad_finetune_settings_are_one_line(tiny_ckpt, tmp_path, capsys, flags, message):
+    err = _error(finetune_mod, [tiny_ckpt, "--protocol", "mae", *flags, "--out", str(tmp_path)], capsys)
+    assert message in err and not any(tmp_path.iterdir())  # refused before any folder is written
 
 
 @pytest.mark.parametrize("margin", [16, 0])  # 0: no row can be proven, every row takes the float32 path

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import v2
 
 MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
@@ -25,16 +26,22 @@ def train_transform(
     mean: Sequence[float] = MEAN,
     std: Sequence[float] = STD,
     randaugment: Optional[str] = None,
+    random_erasing: float = 0.0,
 ) -> v2.Compose:
     """Inception crop (random resized crop) and horizontal flip, the ViT paper's augmentation;
-    optionally timm's RandAugment (``randaugment`` spec such as "rand-m9-mstd0.5-inc1")."""
+    optionally timm's RandAugment (``randaugment`` spec such as "rand-m9-mstd0.5-inc1") and, on the
+    normalised tensor, timm's RandomErasing of one box with per-pixel normal noise, with probability
+    ``random_erasing`` (MAE's and DeiT's fine-tuning: 0.25)."""
     steps = [v2.RandomResizedCrop(img_size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     if randaugment:
         steps.append(rand_augment_transform(randaugment, {"translate_const": int(img_size * 0.45),
                                                           "img_mean": tuple(round(255 * m) for m in mean)}))
-    return v2.Compose(steps + [to_normalized_tensor(mean, std)])
+    steps.append(to_normalized_tensor(mean, std))
+    if random_erasing:
+        steps.append(RandomErasing(random_erasing, mode="pixel", max_count=1, device="cpu"))
+    return v2.Compose(steps)
 
 
 def eval_transform(img_size: int, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> v2.Compose:

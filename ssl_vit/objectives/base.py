@@ -60,7 +60,8 @@ class Objective(nn.Module):
     def train_transform(cls, train_cfg, cfg, data: DataInfo) -> Callable:
         """The augmentation of the training images (default: inception crop and flip)."""
         return train_transform(data.img_size, scale=train_cfg.crop_scale, hflip=train_cfg.hflip,
-                               mean=data.mean, std=data.std, randaugment=train_cfg.randaugment)
+                               mean=data.mean, std=data.std, randaugment=train_cfg.randaugment,
+                               random_erasing=train_cfg.random_erasing)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """batch -> (scalar loss, metrics as 0-d tensors). No ``.item()`` here: the loop syncs."""

@@ -22,13 +22,16 @@ class SupervisedConfig:
     cutmix: float = 0.0  # CutMix alpha (0 = off)
     head_hidden: int = 0  # >0: the paper's pre-logits layer (Linear + tanh) of this width
     zero_head: bool = False  # zero-initialised last layer (the paper's fine-tuning head)
+    head_init_std: float = 0.0  # > 0: last layer's weights from a truncated normal of this std, bias 0 (MAE: 2e-5)
 
     def __post_init__(self):
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing {self.label_smoothing}: use a value in [0, 1)")
-        for name in ("mixup", "cutmix", "head_hidden"):
+        for name in ("mixup", "cutmix", "head_hidden", "head_init_std"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0 (0: off)")
+        if self.zero_head and self.head_init_std > 0:
+            raise ConfigError(f"--zero-head and --head-init-std {self.head_init_std}: choose one head initialisation")
 
 
 class Supervised(Objective):
@@ -57,9 +60,13 @@ class Supervised(Objective):
             width = cfg.head_hidden
         layers.append(nn.Linear(width, data.num_classes))
         self.head = nn.Sequential(*layers)
-        if cfg.zero_head:
-            nn.init.zeros_(self.head[-1].weight)
-            nn.init.zeros_(self.head[-1].bias)
+        last = self.head[-1]
+        if cfg.head_init_std > 0:  # MAE's fine-tuning head: tiny random weights
+            nn.init.trunc_normal_(last.weight, std=cfg.head_init_std)
+            nn.init.zeros_(last.bias)
+        elif cfg.zero_head:
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..backbone import build_backbone
-from ..checkpoint import load_backbone, load_weights, save_checkpoint
+from ..checkpoint import init_weights, load_backbone, load_weights, save_checkpoint
 from ..config import RunConfig
 from ..data import MEAN, STD, DataError, load_data
 from ..errors import ConfigError
@@ -95,12 +95,13 @@ class Trainer:
         return Shard(acc.process_index, acc.num_processes, tc.batch_size // per_step, acc.device.type == "cuda")
 
     def _backbone(self, objective_cls):
-        """The configured backbone, initialised from --init when given (position embeddings
-        resampled), else as the objective's reference initialises it."""
+        """The configured backbone, initialised from --init when given (position embeddings resampled; a
+        norm after averaging starts fresh where the source had a final norm: ``init_weights``), else
+        as the objective's reference initialises it."""
         backbone = build_backbone(self.run_cfg.backbone)
         if self.run_cfg.train.init:
             source, _ = load_backbone(self.run_cfg.train.init)
-            load_weights(backbone, source.vit.state_dict(), self.run_cfg.train.init)
+            load_weights(backbone, init_weights(backbone, source), self.run_cfg.train.init)
         else:
             objective_cls.initialise(backbone)
         return backbone

@@ -32,6 +32,7 @@ import torch
 from ssl_vit.backbone import BackboneConfig
 from ssl_vit.checkpoint import backbone_info, load_checkpoint
 from ssl_vit.config import RunConfig, TrainConfig
+from ssl_vit.data import eval_crop_fraction
 from ssl_vit.names import folder_safe, short_name
 from ssl_vit.objectives.supervised import SupervisedConfig
 from ssl_vit.train import Trainer
@@ -107,6 +108,7 @@ def finetune(run: RunConfig) -> tuple[dict, bool]:
         "accuracy": results["test_accuracy"], "epochs": epochs, "steps": tc.steps, "batch_size": tc.batch_size,
         "lr": tc.lr, "lr_ref_batch": tc.lr_ref_batch, "optimizer": tc.optimizer, "weight_decay": tc.weight_decay,
         "layer_decay": tc.layer_decay, "clip_grad": tc.clip_grad, "img_size": run.backbone.img_size,
+        "crop_fraction": eval_crop_fraction(run.backbone.img_size),  # the test transform's (the training loop's)
         "drop_path_rate": run.backbone.drop_path_rate, "label_smoothing": oc.label_smoothing, "mixup": oc.mixup,
         "cutmix": oc.cutmix, "randaugment": tc.randaugment, "run": trainer.out,
     }, trainer.acc.is_main_process

@@ -1,7 +1,9 @@
 """Frozen features: one pass of a checkpoint's backbone over a data set's train and test splits.
 
-Images are resized to the model's input size and normalised as the checkpoint was trained
-(``ckpt.pt`` data mean/std, else ``ssl_vit.data.MEAN/STD``); the representation is
+Images go through timm's evaluation transform at the model's input size (from 224 px on: resize
+to size / 0.875 and centre-crop, as DINO and timm; below: resize to the exact size;
+``--crop-fraction`` sets it) and are normalised as the checkpoint was trained (``ckpt.pt`` data
+mean/std, else ``ssl_vit.data.MEAN/STD``); the representation is
 ``backbone(images)`` (class token or mean of patch tokens, as the checkpoint says; the teacher
 for DINO, since that is the backbone a DINO ``ckpt.pt`` holds). Batched, on the GPU when there
 is one (bf16 autocast there), with a progress bar.
@@ -9,7 +11,7 @@ is one (bf16 autocast there), with a progress bar.
 Features are cached as safetensors (tensors only, no pickle) under ``--cache-dir``, one file per
 split, keyed by a hash of the checkpoint file's content (or the timm name), the data (for a
 local path: its files' names, sizes and modification times), the split, the subset, the image
-size and the normalisation: a second call with the same inputs reads them back at once.
+size, the crop fraction and the normalisation: a second call with the same inputs reads them back at once.
 """
 
 from __future__ import annotations
@@ -21,16 +23,16 @@ import os
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ssl_vit.backbone import Backbone
 from ssl_vit.checkpoint import atomic_write, load_backbone
-from ssl_vit.data import MEAN, STD, DataSource, EpochSampler, ImageDataset, eval_transform, load_data, make_loader
+from ssl_vit.data import (MEAN, STD, DataSource, EpochSampler, ImageDataset, eval_crop_fraction, eval_transform,
+                          load_data, make_loader)
 
 from .common import DEFAULT_CACHE_DIR, EvalError, base_parser, data_specs, positive_int, resolve_device
 
@@ -61,6 +63,9 @@ def feature_parser(description: str) -> argparse.ArgumentParser:
                         help="use a fixed random subset of N test images")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="leave out unreadable images (counted) instead of stopping at the first")
+    parser.add_argument("--crop-fraction", type=float, default=None, metavar="F",
+                        help="evaluation resize: short side to size / F, centre crop (default: 0.875 for inputs "
+                             "of 224 px or more, else 1: the exact size)")
     return parser
 
 
@@ -98,13 +103,29 @@ def subset(ds, n: Optional[int]):
     return ds.select(sorted(torch.randperm(len(ds), generator=g)[:n].tolist()))
 
 
+def image_split(source: DataSource, data: str, split: str, limit: Optional[int], transform,
+                skip_bad_images: bool) -> ImageDataset:
+    """The labelled images of one split (a fixed subset of ``limit`` when given) under ``transform``."""
+    ds = subset(getattr(source, split), limit)
+    if len(ds) == 0:
+        raise EvalError(f"the {split} split of {data} is empty")
+    return ImageDataset(ds, source.image_column, source.label_column, transform, split=split,
+                        skip_bad_images=skip_bad_images)
+
+
+def frozen_autocast(device: torch.device):
+    """bf16 autocast for a frozen backbone's forward pass on a GPU, nothing on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 @torch.inference_mode()
-def extract(backbone: Backbone, dataset: ImageDataset, batch_size: int, num_workers: int,
-            device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Representations [N, D] (float32, CPU) and labels [N] of every image, in data set order."""
+def extract(represent: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset, batch_size: int,
+            num_workers: int, device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Representations [N, D] (float32, CPU; ``represent``: images [B, C, H, W] -> [B, D], such as a
+    backbone) and labels [N] of every image, in data set order."""
     sampler = EpochSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
     loader = make_loader(dataset, sampler, num_workers, pin_memory=device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = frozen_autocast(device)
     feats, labels, skipped = [], [], 0
     with tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr) as bar:
         for batch in loader:
@@ -113,7 +134,7 @@ def extract(backbone: Backbone, dataset: ImageDataset, batch_size: int, num_work
             if "image" not in batch:  # every image of this batch was unreadable
                 continue
             with autocast:
-                out = backbone(batch["image"].to(device, non_blocking=True))
+                out = represent(batch["image"].to(device, non_blocking=True))
             feats.append(out.float().cpu())
             labels.append(batch["label"])
             bar.update(len(out))
@@ -128,13 +149,15 @@ class FeatureExtractor:
     """One checkpoint's backbone, ready to produce (cached) features for any data set."""
 
     def __init__(self, spec: str, device: torch.device, cache_dir: str, batch_size: int = 256,
-                 num_workers: int = 2, skip_bad_images: bool = False):
+                 num_workers: int = 2, skip_bad_images: bool = False, crop_fraction: Optional[float] = None):
         self.spec, self.device = spec, device
         self.backbone, info = load_backbone(spec)  # CheckpointError for missing or foreign files
         self.backbone.to(device)
         data = info.get("data") or {}
         self.mean, self.std = tuple(data.get("mean") or MEAN), tuple(data.get("std") or STD)
         self.img_size = self.backbone.cfg.img_size
+        self.crop_fraction = eval_crop_fraction(self.img_size, crop_fraction)
+        self.transform = eval_transform(self.img_size, self.mean, self.std, self.crop_fraction)
         self.digest = checkpoint_digest(spec)
         self.cache_dir = os.path.expanduser(cache_dir)
         self.batch_size, self.num_workers, self.skip_bad_images = batch_size, num_workers, skip_bad_images
@@ -143,7 +166,8 @@ class FeatureExtractor:
         key = json.dumps({
             "version": FEATURES_VERSION, "checkpoint": self.digest, "data": data_identity(data),
             "columns": columns, "split": split, "limit": limit, "img_size": self.img_size,
-            "mean": self.mean, "std": self.std, "skip_bad_images": self.skip_bad_images,
+            "crop_fraction": self.crop_fraction, "mean": self.mean, "std": self.std,
+            "skip_bad_images": self.skip_bad_images,
         }, sort_keys=True)
         return os.path.join(self.cache_dir, hashlib.sha256(key.encode()).hexdigest()[:40] + ".safetensors")
 
@@ -160,12 +184,7 @@ class FeatureExtractor:
                 continue
             source = source or labelled_source(data, image_column, label_column)
             num_classes = source.num_classes
-            ds = subset(getattr(source, split), limit)
-            if len(ds) == 0:
-                raise EvalError(f"the {split} split of {data} is empty")
-            dataset = ImageDataset(ds, source.image_column, source.label_column,
-                                   eval_transform(self.img_size, self.mean, self.std), split=split,
-                                   skip_bad_images=self.skip_bad_images)
+            dataset = image_split(source, data, split, limit, self.transform, self.skip_bad_images)
             feats, labels = extract(self.backbone, dataset, self.batch_size, self.num_workers, self.device,
                                     f"features {split} {os.path.basename(self.spec)}")
             check_labels(labels, num_classes, data, split)
@@ -215,12 +234,22 @@ def check_labels(labels: torch.Tensor, num_classes: int, data: str, split: str) 
                         f"(its classes are 0..{num_classes - 1}): evaluate on splits with the same classes")
 
 
-def each_features(args: argparse.Namespace) -> Iterator[tuple[str, str, Features]]:
-    """(checkpoint, data, features) for every checkpoint and data set of the command line."""
+def extractors(args: argparse.Namespace) -> Iterator[FeatureExtractor]:
+    """A ``FeatureExtractor`` for every checkpoint of the command line, one at a time."""
     device = resolve_device(args.device)
     for spec in args.checkpoints:
-        extractor = FeatureExtractor(spec, device, args.cache_dir, args.batch_size, args.num_workers,
-                                     args.skip_bad_images)
+        yield FeatureExtractor(spec, device, args.cache_dir, args.batch_size, args.num_workers,
+                               args.skip_bad_images, args.crop_fraction)
+
+
+def first_fields(extractor: FeatureExtractor, data: str) -> dict:
+    """The fields every evaluation record starts with: checkpoint, data and the evaluation crop."""
+    return {"checkpoint": extractor.spec, "data": data, "crop_fraction": extractor.crop_fraction}
+
+
+def each_features(args: argparse.Namespace) -> Iterator[tuple[dict, Features]]:
+    """(``first_fields``, features) for every checkpoint and data set of the command line."""
+    for extractor in extractors(args):
         for data in data_specs(args):
-            yield spec, data, extractor.features(data, args.image_column, args.label_column,
-                                                 args.max_train, args.max_test)
+            yield first_fields(extractor, data), extractor.features(data, args.image_column, args.label_column,
+                                              args.max_train, args.max_test)

@@ -191,9 +191,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                         help="held-out training images per seed for --l2 sweep")
     args = parser.parse_args(argv)
     device, records = resolve_device(args.device), []
-    for ckpt, data, feats in each_features(args):
+    for first, feats in each_features(args):
         for r in fewshot(feats, args.shots, args.seeds, args.l2, args.val_size, device):
-            records.append({"checkpoint": ckpt, "data": data, **r})
+            records.append({**first, **r})
     pivot_table(records, "shots", lambda r: f"{percent(r['accuracy'])} ± {percent(r['accuracy_std'])}",
                 f"few-shot linear accuracy (%, mean ± std over {args.seeds} seeds, l2 "
                 f"{'sweep' if args.l2 == 'sweep' else f'{args.l2:g}'})")

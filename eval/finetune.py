@@ -40,6 +40,7 @@ import torch
 from ssl_vit.backbone import BackboneConfig, token_width
 from ssl_vit.checkpoint import backbone_info, load_checkpoint
 from ssl_vit.config import RunConfig, TrainConfig, unwrap_optional
+from ssl_vit.data import eval_crop_fraction
 from ssl_vit.names import folder_safe, short_name
 from ssl_vit.objectives.supervised import SupervisedConfig
 from ssl_vit.train import Trainer
@@ -162,6 +163,7 @@ def finetune(run: RunConfig) -> tuple[dict, bool]:
         "lr": tc.lr, "lr_ref_batch": tc.lr_ref_batch, "min_lr": tc.min_lr, "warmup_steps": tc.warmup_steps,
         "optimizer": tc.optimizer, "weight_decay": tc.weight_decay, "layer_decay": tc.layer_decay,
         "clip_grad": tc.clip_grad, "img_size": bc.img_size, "drop_path_rate": bc.drop_path_rate,
+        "crop_fraction": eval_crop_fraction(bc.img_size),  # the test transform's (the training loop's)
         "global_pool": bc.global_pool, "fc_norm": bc.fc_norm, "pos_embed": bc.pos_embed,
         "head_init_std": oc.head_init_std, "label_smoothing": oc.label_smoothing, "mixup": oc.mixup,
         "cutmix": oc.cutmix, "randaugment": tc.randaugment, "random_erasing": tc.random_erasing,

@@ -67,8 +67,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     if args.temperature <= 0:
         raise EvalError(f"--temperature {args.temperature}: must be > 0")
     device, records = resolve_device(args.device), []
-    for ckpt, data, feats in each_features(args):
-        records += [{"checkpoint": ckpt, "data": data, **r} for r in knn(feats, args.k, args.temperature, device)]
+    for first, feats in each_features(args):
+        records += [{**first, **r} for r in knn(feats, args.k, args.temperature, device)]
     pivot_table(records, "k", lambda r: percent(r["accuracy"]),
                 f"weighted kNN accuracy (%, cosine, T = {args.temperature:g})")
     write_json(args.json, records)

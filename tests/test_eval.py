@@ -26,8 +26,8 @@ from ssl_vit.data import load_data
 from ssl_vit.checkpoint import load_checkpoint, objective_state, save_checkpoint
 from ssl_vit.objectives import load_objective
 
-FEWSHOT_KEYS = {"checkpoint", "data", "shots", "l2", "accuracy", "accuracy_std", "seeds"}
-KNN_KEYS = {"checkpoint", "data", "k", "temperature", "accuracy"}
+FEWSHOT_KEYS = {"checkpoint", "data", "crop_fraction", "shots", "l2", "accuracy", "accuracy_std", "seeds"}
+KNN_KEYS = {"checkpoint", "data", "crop_fraction", "k", "temperature", "accuracy"}
 SMALL = ["--max-train", "60", "--max-test", "30", "--num-workers", "0"]
 
 
@@ -168,6 +168,7 @@ def test_cli_records_cache_and_linear(tiny_ckpt, tmp_path, capsys, monkeypatch):
     _run(linear_mod, args + ["--epochs", "3", "--bn", "--json", str(out)], capsys)
     (record,) = json.loads(out.read_text())
     assert {"checkpoint", "data", "accuracy", "epochs"} <= set(record) and record["bn"] is True
+    assert record["protocol"] == "cached" and record["crop_fraction"] == 1.0  # 16 px: the exact-size resize
     assert record["epochs"] == 3 and 0.0 <= record["accuracy"] <= 1.0
 
 
@@ -191,7 +192,7 @@ def test_finetune_at_higher_resolution(tiny_ckpt, tmp_path, capsys):
                         "--lr", "0", "--num-workers", "0", "--out", str(tmp_path / "runs"), "--json", str(out)], capsys)
     (record,) = json.loads(out.read_text())
     assert {"checkpoint", "data", "accuracy", "epochs"} <= set(record)
-    assert record["img_size"] == 32 and record["protocol"] == "paper"
+    assert record["img_size"] == 32 and record["protocol"] == "paper" and record["crop_fraction"] == 1.0
     ckpt = load_checkpoint(f"{record['run']}/ckpt.pt")
     assert ckpt["arch"]["img_size"] == 32 and ckpt["train_config"]["optimizer"] == "momentum"
     source = load_checkpoint(tiny_ckpt)["state_dict"]
@@ -286,7 +287,7 @@ def test_linear_probe_learns_separable_features():
     feats = _features(centres[train_y] + 0.3 * torch.randn(400, dim, generator=g), train_y,
                       centres[test_y] + 0.3 * torch.randn(200, dim, generator=g), test_y, classes)
     for bn in (False, True):
-        assert linear_mod.linear_probe(feats, epochs=10, bn=bn)["accuracy"] > 0.95
+        assert linear_mod.linear_probe(feats, linear_mod.ProbeSettings(epochs=10, bn=bn))["accuracy"] > 0.95
 
 
 # ----- bad input -----

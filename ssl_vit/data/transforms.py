@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import v2
+
+from ..errors import ConfigError
 
 MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
 STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
@@ -44,13 +46,26 @@ def train_transform(
     return v2.Compose(steps)
 
 
-def eval_transform(img_size: int, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> v2.Compose:
-    """Resize the short side to the model's input size and centre-crop it."""
-    return v2.Compose([
-        v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(img_size),
-        to_normalized_tensor(mean, std),
-    ])
+CROP_FRACTION = 0.875  # timm's and DINO's evaluation crop: resize to size / 0.875, centre-crop size
+CROP_FROM_SIZE = 224  # below this input size the image is resized to the exact size (nothing cropped away)
+
+
+def eval_crop_fraction(img_size: int, crop_fraction: Optional[float] = None) -> float:
+    """The crop fraction an evaluation at ``img_size`` uses: the one given, else 0.875 from 224 px
+    on (DINO, timm) and 1 (an exact-size resize) for smaller images."""
+    if crop_fraction is not None:
+        if not 0.0 < crop_fraction <= 1.0:
+            raise ConfigError(f"--crop-fraction {crop_fraction}: use a value in (0, 1]")
+        return crop_fraction
+    return CROP_FRACTION if img_size >= CROP_FROM_SIZE else 1.0
+
+
+def eval_transform(img_size: int, mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
+                   crop_fraction: Optional[float] = None) -> Callable:
+    """timm's evaluation transform: resize the short side to img_size / crop fraction (bicubic),
+    centre-crop img_size, normalise; the crop fraction as ``eval_crop_fraction`` resolves it."""
+    return create_transform(img_size, is_training=False, interpolation="bicubic",
+                            crop_pct=eval_crop_fraction(img_size, crop_fraction), mean=mean, std=std)
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:

@@ -1,0 +1,142 @@
+"""Evaluations against their reference recipes: DINO's linear protocol, the evaluation crop (timm, DINO)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from conftest import tiny_vit
+
+from eval import features as features_mod
+from eval import knn as knn_mod
+from eval import linear as linear_mod
+from eval.common import EvalError, run_cli
+from eval.features import FeatureExtractor
+from ssl_vit.checkpoint import save_checkpoint
+from ssl_vit.data import eval_crop_fraction, eval_transform
+from ssl_vit.data.transforms import to_normalized_tensor
+
+SMALL = ["--max-train", "16", "--max-test", "10", "--num-workers", "0"]
+
+
+def _save(path, backbone):
+    save_checkpoint(str(path), backbone, objective="dino", objective_config={}, train_config={}, step=0, data={})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    return _save(tmp_path_factory.mktemp("ckpt") / "ckpt.pt", tiny_vit())
+
+
+def _block_outputs(backbone, images):
+    """Every block's output tokens [B, P + N, D], recorded by hooks (independent of timm's intermediates)."""
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o)) for b in backbone.vit.blocks]
+    backbone(images)
+    for h in hooks:
+        h.remove()
+    return outputs
+
+
+@torch.no_grad()
+def test_dino_features_are_normed_class_tokens_of_the_last_blocks():
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 16, 16)
+    small = tiny_vit(depth=5).eval()  # ViT-Ti width 192: the class tokens of the last 4 blocks
+    n, avgpool = linear_mod.dino_layout(small.embed_dim)
+    feats = linear_mod.dino_features(small, images, n, avgpool)
+    assert (n, avgpool) == (4, False) and feats.shape == (3, 4 * 192)
+    outs = _block_outputs(small, images)[-4:]
+    expected = torch.cat([small.vit.norm(o)[:, 0] for o in outs], dim=1)
+    torch.testing.assert_close(feats, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(feats[:, -192:], small(images), rtol=0, atol=1e-5)  # the backbone's own class token
+
+    wide = tiny_vit(model="vit_base", patch_size=8, depth=1).eval()  # width 768: class token + mean patch token
+    n, avgpool = linear_mod.dino_layout(wide.embed_dim)
+    feats = linear_mod.dino_features(wide, images, n, avgpool)
+    assert (n, avgpool) == (1, True) and feats.shape == (3, 2 * 768)
+    (out,) = _block_outputs(wide, images)
+    normed = wide.vit.norm(out)
+    torch.testing.assert_close(feats, torch.cat([normed[:, 0], normed[:, 1:].mean(1)], dim=1), rtol=0, atol=1e-5)
+
+
+def test_dino_protocol_refuses_backbones_without_its_features():
+    with pytest.raises(EvalError, match="--fc-norm"):
+        linear_mod.check_dino_backbone(tiny_vit(global_pool="avg", fc_norm=True), "x.pt", 1)
+    with pytest.raises(EvalError, match=r"--n-last-blocks 4: x.pt has 2 blocks"):
+        linear_mod.check_dino_backbone(tiny_vit(), "x.pt", 4)
+
+
+def test_dino_protocol_trains_on_fresh_crops_and_records_its_settings(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Each epoch's training images are new random crops (never the cached evaluation images), the
+    test images are the evaluation transform's, and the record names the protocol and its settings."""
+    seen, original = [], linear_mod.dino_features
+
+    def spy(backbone, images, **kw):
+        seen.append(images.clone())
+        return original(backbone, images, **kw)
+
+    monkeypatch.setattr(linear_mod, "dino_features", spy)
+    out = tmp_path / "linear.json"
+    run_cli(linear_mod.main, [tiny_ckpt, "--protocol", "dino", "--n-last-blocks", "2", "--epochs", "2",
+                              "--probe-batch-size", "16", "--cache-dir", str(tmp_path / "c"), "--json", str(out),
+                              *SMALL])
+    (record,) = json.loads(out.read_text())
+    assert record["protocol"] == "dino" and record["feature_dim"] == 2 * 192 and record["lr"] == 0.001
+    assert record["n_last_blocks"] == 2 and record["avgpool_patchtokens"] is False and record["batch_size"] == 16
+    assert record["crop_fraction"] == 1.0 and record["crop_scale"] == [0.08, 1.0] and record["epochs"] == 2
+    epoch0, epoch1, test = seen
+    assert epoch0.shape[0] == epoch1.shape[0] == 16 and test.shape[0] == 10
+    per_image = lambda x: sorted(x.sum((1, 2, 3)).tolist())  # noqa: E731  order-free: the sampler shuffles
+    assert not np.allclose(per_image(epoch0), per_image(epoch1), atol=1e-3)
+    extractor = FeatureExtractor(tiny_ckpt, torch.device("cpu"), str(tmp_path / "c"))
+    source = features_mod.labelled_source("default", None, None)
+    train = features_mod.image_split(source, "default", "train", 16, extractor.transform, False)
+    evaluation = torch.stack([train[i]["image"] for i in range(16)])
+    assert not np.allclose(per_image(epoch0), per_image(evaluation), atol=1e-3)
+
+
+def test_eval_transform_crops_from_224_px_as_timm_and_dino():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (300, 260, 3), dtype=np.uint8))
+    bicubic = v2.InterpolationMode.BICUBIC
+
+    def reference(resize, crop):
+        return v2.Compose([v2.Resize(resize, interpolation=bicubic, antialias=True), v2.CenterCrop(crop),
+                           to_normalized_tensor()])(image)
+
+    assert eval_crop_fraction(224) == 0.875 and eval_crop_fraction(223) == 1.0
+    torch.testing.assert_close(eval_transform(224)(image), reference(256, 224), rtol=0, atol=1e-5)  # DINO's val
+    torch.testing.assert_close(eval_transform(32)(image), reference(32, 32), rtol=0, atol=1e-5)  # exact size
+    torch.testing.assert_close(eval_transform(32, crop_fraction=0.5)(image), reference(64, 32), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="--crop-fraction 1.5"):
+        eval_crop_fraction(32, 1.5)
+
+
+def test_crop_fraction_is_recorded_and_keys_the_feature_cache(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    cache = str(tmp_path / "c")
+    whole = FeatureExtractor(tiny_ckpt, torch.device("cpu"), cache, num_workers=0)
+    half = FeatureExtractor(tiny_ckpt, torch.device("cpu"), cache, num_workers=0, crop_fraction=0.5)
+    first = whole.features("default", max_train=8, max_test=8)
+    second = half.features("default", max_train=8, max_test=8)  # would read the first's entry if the key lacked the crop
+    assert not torch.allclose(first.train, second.train)
+    calls = []
+    original = features_mod.extract
+    monkeypatch.setattr(features_mod, "extract", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    out = tmp_path / "knn.json"
+    run_cli(knn_mod.main, [tiny_ckpt, "--crop-fraction", "0.5", "--k", "3", "--cache-dir", cache, "--json", str(out),
+                           "--max-train", "8", "--max-test", "8", "--num-workers", "0"])
+    assert calls == []  # the same crop reads the cache
+    assert [r["crop_fraction"] for r in json.loads(out.read_text())] == [0.5]
+
+
+def test_dino_only_flags_need_the_dino_protocol(tiny_ckpt, tmp_path, capsys):
+    for argv in (["--n-last-blocks", "1"], ["--protocol", "dino"]):  # the second: 4 blocks of a 2-block model
+        with pytest.raises(SystemExit):
+            run_cli(linear_mod.main, [tiny_ckpt, *argv, "--cache-dir", str(tmp_path), *SMALL])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("error: ") == 1

@@ -192,7 +192,9 @@ def test_changed_settings_refuse_to_resume(tmp_path):
 def test_a_run_folder_from_before_a_setting_existed_resumes_at_the_value_it_ran_with(tmp_path):
     _recipe(tmp_path / "run", "--steps", "2", "--stop-at", "1")
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    del config["train"]["clip_grad_mode"]  # as written before the setting existed: clipped by global norm
+    for added in ("clip_grad_mode", "random_erasing"):  # as written before these settings existed
+        del config["train"][added]
+    del config["objective_config"]["head_init_std"]
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"clip_grad_mode: 'norm' -> 'per_param'"):
         _recipe(tmp_path / "run", "--steps", "2", "--clip-grad-mode", "per_param")

@@ -33,7 +33,7 @@ def default_out(run: RunConfig) -> str:
 
 
 # Loop settings added after run folders were written -> the value those runs trained with.
-ADDED_TRAIN_SETTINGS = {"clip_grad_mode": "norm"}
+ADDED_TRAIN_SETTINGS = {"clip_grad_mode": "norm", "random_erasing": 0.0}
 
 
 def _with_added_settings(config: dict) -> dict:

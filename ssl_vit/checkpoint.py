@@ -30,7 +30,10 @@ STUDENT_PREFIX = "backbone.vit."  # a DINO student's timm weights inside objecti
 LEGACY_STATE_KEYS = {"head_state_dict": "head.", "mae_state_dict": "decoder.", "masked_patch_state_dict": "",
                      "student_state_dict": STUDENT_PREFIX}
 # Objective settings added after checkpoints were written -> the value that keeps those checkpoints' behaviour.
-ADDED_OBJECTIVE_SETTINGS = {"masked_patch": {"hybrid_mask": "blank"}, "supervised": {"head_init_std": 0.0}}
+ADDED_OBJECTIVE_SETTINGS = {
+    "masked_patch": {"hybrid_mask": "blank"},
+    "supervised": {"head_init_std": 0.0},
+}
 
 
 class CheckpointError(UserError):

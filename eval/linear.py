@@ -178,15 +178,15 @@ def dino_linear_probe(extractor, data: str, args: argparse.Namespace, s: ProbeSe
     augment = train_transform(extractor.img_size, DINO_CROP_SCALE, True, extractor.mean, extractor.std)
     train = image_split(source, data, "train", args.max_train, augment, args.skip_bad_images)
     test = image_split(source, data, "test", args.max_test, extractor.transform, args.skip_bad_images)
-    model = probe_model(backbone.embed_dim * (n + avgpool), source.num_classes, s.bn,
-                        torch.Generator().manual_seed(s.seed)).to(device)
+    feature_dim = backbone.embed_dim * (n + avgpool)
+    model = probe_model(feature_dim, source.num_classes, s.bn, torch.Generator().manual_seed(s.seed)).to(device)
     check = partial(check_labels, num_classes=source.num_classes, data=data, split="train")
     train_dino_probe(represent, model, train, s, args.num_workers, device, check)
     test_x, test_y = extract(represent, test, args.batch_size, args.num_workers, device, "features test")
     check_labels(test_y, source.num_classes, data, "test")
     return {"protocol": "dino", "accuracy": accuracy(model, test_x.to(device), test_y.to(device)),
             **dataclasses.asdict(s), "n_last_blocks": n, "avgpool_patchtokens": avgpool,
-            "feature_dim": backbone.embed_dim * (n + avgpool), "crop_scale": list(DINO_CROP_SCALE), "hflip": True}
+            "feature_dim": feature_dim, "crop_scale": list(DINO_CROP_SCALE), "hflip": True}
 
 
 def dino_records(args: argparse.Namespace, s: ProbeSettings) -> list[dict]:

@@ -20,6 +20,7 @@ from typing import Optional
 
 import timm
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import resample_abs_pos_embed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
@@ -155,6 +156,9 @@ class Backbone(nn.Module):
         self.stem_stride = _stem_stride(vit.patch_embed, cfg.in_chans) if self.is_hybrid else 1
         self.pixel_patch_size = self.stem_stride * embed_patch  # pixels per token side
         self.check_img_size(cfg.img_size)
+        # How the position table reaches another grid: "timm" (resample_abs_pos_embed, antialiased) or
+        # "dino" (DINO's interpolate_pos_encoding); an objective's setting, not the architecture's.
+        self.pos_interpolation = "timm"
         if cfg.pos_embed == "sincos":
             self._fix_sincos_pos_embed()
 
@@ -225,8 +229,13 @@ class Backbone(nn.Module):
         """(prefix position embeddings [1, P, D] or None, patch position embeddings [1, h*w, D])."""
         vit = self.vit
         n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-        pos = resample_abs_pos_embed(vit.pos_embed, new_size=grid, old_size=self.base_grid, num_prefix_tokens=n_prefix)
-        return (pos[:, :n_prefix] if n_prefix else None), pos[:, n_prefix:]
+        prefix, table = vit.pos_embed[:, :n_prefix], vit.pos_embed[:, n_prefix:]
+        if tuple(grid) != self.base_grid:
+            if self.pos_interpolation == "dino":
+                table = dino_interpolate(table, self.base_grid, grid)
+            else:
+                table = resample_abs_pos_embed(table, new_size=grid, old_size=self.base_grid, num_prefix_tokens=0)
+        return (prefix if n_prefix else None), table
 
     def encode(
         self, tokens: torch.Tensor, grid: tuple[int, int], keep: Optional[torch.Tensor] = None
@@ -287,6 +296,18 @@ class Backbone(nn.Module):
         with torch.no_grad():
             vit.pos_embed.copy_(table.unsqueeze(0))
         vit.pos_embed.requires_grad_(False)
+
+
+def dino_interpolate(table: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """[1, h*w, D] -> [1, h'*w', D] as DINO's ``interpolate_pos_encoding``: bicubic with the scale factor
+    (new + 0.1) / old and no antialiasing. Hand-written because timm's ``resample_abs_pos_embed``
+    antialiases when shrinking, which blurs the positions of DINO's small local crops, and no library
+    offers DINO's variant."""
+    grid = rearrange(table, "1 (h w) d -> 1 d h w", h=old[0], w=old[1])
+    scale = ((new[0] + 0.1) / old[0], (new[1] + 0.1) / old[1])  # +0.1: DINO issue 8, no off-by-one size
+    grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
+    assert tuple(grid.shape[-2:]) == tuple(new), (grid.shape, new)
+    return rearrange(grid, "1 d h w -> 1 (h w) d")
 
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:

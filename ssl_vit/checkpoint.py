@@ -31,6 +31,7 @@ LEGACY_STATE_KEYS = {"head_state_dict": "head.", "mae_state_dict": "decoder.", "
                      "student_state_dict": STUDENT_PREFIX}
 # Objective settings added after checkpoints were written -> the value that keeps those checkpoints' behaviour.
 ADDED_OBJECTIVE_SETTINGS = {
+    "dino": {"pos_interpolation": "timm"},
     "masked_patch": {"hybrid_mask": "blank"},
     "supervised": {"head_init_std": 0.0},
 }

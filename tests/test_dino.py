@@ -2,6 +2,7 @@
 collapse warning, checkpoint (teacher) and student export."""
 
 import copy
+import math
 import os
 
 import numpy as np
@@ -13,9 +14,10 @@ from PIL import Image
 from timm.optim import create_optimizer_v2
 
 from conftest import free_port, tiny_vit
-from ssl_vit.checkpoint import export_safetensors, load_backbone, load_checkpoint, objective_state, student_weights
+from ssl_vit.checkpoint import (export_safetensors, load_backbone, load_checkpoint, objective_state, save_checkpoint,
+                                student_weights)
 from ssl_vit.data import MEAN, STD, MultiCrop, collate
-from ssl_vit.objectives import DataInfo, StepInfo
+from ssl_vit.objectives import DataInfo, StepInfo, load_objective
 from ssl_vit.errors import ConfigError
 from ssl_vit.objectives.dino import DINO, DINOConfig, view_pairs
 
@@ -309,3 +311,37 @@ def test_teacher_temperature_warms_up_per_epoch_as_main_dino():
     assert per_step == pytest.approx([0.04] * 5 + [0.055] * 5 + [0.07] * 10)
     with pytest.raises(ConfigError, match="--warmup-teacher-temp-epochs 0.5: .*whole number"):
         DINOConfig(warmup_teacher_temp_epochs=0.5)
+
+
+def _dino_interpolate_pos_encoding(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """DINO's ``interpolate_pos_encoding`` (vision_transformer.py) for a square table, as written there."""
+    n, dim = table.shape[1], table.shape[2]
+    h0, w0 = h + 0.1, w + 0.1
+    grid = table.reshape(1, int(math.sqrt(n)), int(math.sqrt(n)), dim).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, scale_factor=(h0 / math.sqrt(n), w0 / math.sqrt(n)), mode="bicubic")
+    return grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
+
+
+def test_local_crops_get_dinos_position_interpolation_and_old_runs_keep_timms(tmp_path):
+    """The student's 2x2 local-crop positions come from its 4x4 table as DINO interpolates them
+    (bicubic, scale (n + 0.1) / N, no antialiasing), not by timm's antialiased resampling; the table's
+    own grid is used as it is; runs from before the setting keep timm's."""
+    from timm.layers import resample_abs_pos_embed
+
+    dino = tiny_dino()
+    for backbone in (dino.backbone, dino.teacher):
+        table = backbone.vit.pos_embed[:, 1:]
+        assert torch.equal(backbone.position_embedding((4, 4))[1], table)
+        got = backbone.position_embedding((2, 2))[1]
+        assert torch.allclose(got, _dino_interpolate_pos_encoding(table, 2, 2), atol=1e-6)
+        assert not torch.allclose(got, resample_abs_pos_embed(table, new_size=(2, 2), num_prefix_tokens=0), atol=1e-3)
+    timm_way = tiny_dino(pos_interpolation="timm").backbone
+    assert torch.allclose(timm_way.position_embedding((2, 2))[1],
+                          resample_abs_pos_embed(timm_way.vit.pos_embed[:, 1:], new_size=(2, 2), num_prefix_tokens=0))
+    with pytest.raises(ConfigError, match="--pos-interpolation 'nearest': use 'dino' or 'timm'"):
+        DINOConfig(pos_interpolation="nearest")
+    config = {k: v for k, v in vars(dino.cfg).items() if k != "pos_interpolation"}  # as saved before the setting
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, dino.teacher, objective="dino", objective_config=config, train_config={}, step=1,
+                    data=vars(DATA), objective_state=dino.objective_state())
+    assert load_objective(path).backbone.pos_interpolation == "timm"

@@ -65,8 +65,14 @@ class DINOConfig:
     local_crop_size: int = 96
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    # Position embeddings of crops on another grid (the local crops): "dino" as interpolate_pos_encoding
+    # (bicubic, no antialiasing), "timm" as resample_abs_pos_embed (antialiased; runs written before
+    # this setting existed: see checkpoint.ADDED_OBJECTIVE_SETTINGS).
+    pos_interpolation: str = "dino"
 
     def __post_init__(self):
+        if self.pos_interpolation not in ("dino", "timm"):
+            raise ConfigError(f"--pos-interpolation {self.pos_interpolation!r}: use 'dino' or 'timm'")
         if self.out_dim < 2:
             raise ConfigError(f"--out-dim {self.out_dim}: the head needs at least 2 outputs (the paper: 65536)")
         for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
@@ -162,6 +168,7 @@ class DINO(Objective):
         self.teacher_head = DINOHead(**head_kw)
         self.teacher.load_state_dict(backbone.state_dict())
         self.teacher_head.load_state_dict(self.head.state_dict())
+        backbone.pos_interpolation = self.teacher.pos_interpolation = cfg.pos_interpolation
         for p in self._teacher_parameters():
             p.requires_grad_(False)
         self.register_buffer("center", torch.zeros(cfg.out_dim))

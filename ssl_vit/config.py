@@ -19,7 +19,7 @@ from typing import Any, Optional
 from .backbone import PRESETS, BackboneConfig
 from .errors import ConfigError
 
-CHOICES = {"precision": ("no", "bf16", "fp16"), "lr_scaling": ("linear", "sqrt"), "on_nonfinite": ("stop", "skip"),
+CHOICES = {"precision": ("auto", "no", "bf16", "fp16"), "lr_scaling": ("linear", "sqrt"), "on_nonfinite": ("stop", "skip"),
            "clip_grad_mode": ("norm", "per_param")}
 AT_LEAST = {"steps": 0, "batch_size": 1, "grad_accum": 1, "log_every": 1, "save_every": 0, "eval_every": 0,
             "num_workers": 0, "max_skipped_steps": 1}  # 0 for save_every / eval_every: at the end only
@@ -55,7 +55,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 1.0  # max gradient norm; 0 disables clipping
     clip_grad_mode: str = "norm"  # norm: of all gradients together; per_param: of each parameter's (DINO)
-    precision: str = "no"  # no | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on a GPU, float32 on a CPU) | no (float32) | bf16 | fp16 (GPU only)
     seed: int = 0
     # run folder
     out: Optional[str] = None  # run folder; default runs/<objective>-<data>-<model>

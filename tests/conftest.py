@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def free_port() -> str:
 
 
 def launch_processes(num_processes: int, objective: str, argv: list[str], timeout: float = 300,
-                     recipe_defaults: bool = False) -> subprocess.CompletedProcess:
+                     recipe_defaults: bool = False, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """Run a recipe in ``num_processes`` real CPU processes (gloo) and return the finished command.
 
     ``accelerate launch --cpu --num_processes N`` silently starts one process; ``--multi_gpu`` with
@@ -52,7 +53,7 @@ def launch_processes(num_processes: int, objective: str, argv: list[str], timeou
            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
            str(Path(__file__).parent / "distributed_run.py"), str(num_processes), objective,
            *(["--recipe-defaults"] if recipe_defaults else []), *argv]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     # the processes print at once: their lines can run together, so match the words, not lines

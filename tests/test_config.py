@@ -12,7 +12,7 @@ from ssl_vit.objectives.supervised import SupervisedConfig
 
 
 @pytest.mark.parametrize("cls, bad, message", [
-    (TrainConfig, dict(precision="fp8"), r"--precision 'fp8': use one of no, bf16, fp16"),
+    (TrainConfig, dict(precision="fp8"), r"--precision 'fp8': use one of auto, no, bf16, fp16"),
     (TrainConfig, dict(on_nonfinite="ignore"), r"--on-nonfinite 'ignore': use one of stop, skip"),
     (TrainConfig, dict(grad_accum=0), r"--grad-accum 0: must be >= 1"),
     (TrainConfig, dict(stop_at=-5), r"--stop-at -5: must be >= 0"),

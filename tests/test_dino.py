@@ -345,3 +345,17 @@ def test_local_crops_get_dinos_position_interpolation_and_old_runs_keep_timms(tm
     save_checkpoint(path, dino.teacher, objective="dino", objective_config=config, train_config={}, step=1,
                     data=vars(DATA), objective_state=dino.objective_state())
     assert load_objective(path).backbone.pos_interpolation == "timm"
+
+
+def test_loss_is_computed_in_float32_under_bf16_autocast():
+    """Under autocast the einsum would run in bf16 and round the loss to a few bits."""
+    dino = tiny_dino()
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(4, 3, 64, generator=g) * 3, torch.randn(2, 3, 64, generator=g) * 3
+    expected = dino.dino_loss(student, teacher)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = dino.dino_loss(student.bfloat16(), teacher.bfloat16())[0]
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(dino.dino_loss(student.bfloat16().float(), teacher.bfloat16().float())[0].item(),
+                                       abs=1e-5)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-2)

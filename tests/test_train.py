@@ -20,6 +20,7 @@ from conftest import launch_processes, small_digits, tiny_vit
 from ssl_vit.checkpoint import load_backbone, load_checkpoint, objective_state
 from ssl_vit.data import MEAN, STD, EpochSampler, ImageDataset, load_data, make_loader, train_transform
 from ssl_vit.config import parse_run_config
+from ssl_vit.errors import ConfigError
 from ssl_vit.backbone import build_backbone
 from ssl_vit.objectives import DataInfo, StepInfo, get_objective, load_objective
 from ssl_vit.objectives.dino import DINO
@@ -46,9 +47,27 @@ def test_recipe_end_to_end(tmp_path):
     assert 0.0 <= ckpt["results"]["test_accuracy"] <= 1.0
     records = _records(tmp_path / "run")
     assert {"step", "loss", "lr", "images_per_s"} <= set(records[0])
-    assert json.load(open(tmp_path / "run" / "config.json"))["backbone"]["depth"] == 1
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    assert config["backbone"]["depth"] == 1
+    assert config["train"]["precision"] == "no"  # --precision auto, resolved on a CPU (float32) and saved so
     backbone, info = load_backbone(path)
     assert backbone(torch.randn(1, 3, 16, 16)).shape == (1, 192)
+
+
+def test_precision_auto_picks_bf16_on_a_gpu_and_float32_elsewhere_and_fp16_needs_a_gpu(tmp_path, monkeypatch):
+    from ssl_vit.train.launch import resolve_precision, training_device
+
+    assert resolve_precision("auto", "cpu") == "no" and resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", "cuda") == "bf16" and resolve_precision("no", "cuda") == "no"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
+    assert resolve_precision("auto", "cuda") == "no" and resolve_precision("fp16", "cuda") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert training_device() == "cpu"
+    with pytest.raises(ConfigError, match="--precision fp16 needs a GPU"):
+        _recipe(tmp_path / "run", "--steps", "1", "--precision", "fp16")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("bad, name", [(["--log-every", "0"], "--log-every"), (["--save-every", "-1"], "--save-every"),
@@ -308,3 +327,20 @@ def test_curves_png_from_metrics_and_clear_error_for_unknown_metric(tmp_path):
         plot_curves([str(run)], str(tmp_path / "x.png"), keys=["accuracy"])
     with pytest.raises(UserError, match=f"{tmp_path / 'missing'}.* does not exist: pass a run folder"):
         plot_curves([str(tmp_path / "missing")], str(tmp_path / "x.png"))
+
+
+def test_a_compiled_run_resumes_without_compile_and_mixup_stays_eager(tmp_path, monkeypatch):
+    """The saved state has plain names (no ``_orig_mod.``): a --compile run resumes without it and ends
+    as a run never compiled; Mixup's random draws run outside the compiled graph."""
+    import functools
+
+    from torch._dynamo.eval_frame import innermost_fn
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # no C++ build here
+    mixup = ["--mixup", "0.8", "--steps", "2"]
+    _recipe(tmp_path / "run", *mixup, "--compile", "--stop-at", "1")
+    assert not any(k.startswith("_orig_mod") for k in _saved_state(tmp_path / "run")[1])
+    resumed = load_checkpoint(_recipe(tmp_path / "run", *mixup))
+    assert resumed["step"] == 2
+    assert_same_weights(resumed, load_checkpoint(_recipe(tmp_path / "plain", *mixup)))
+    assert innermost_fn(Supervised.mix) is not Supervised.mix  # torch.compiler.disable wrapped it

@@ -218,12 +218,14 @@ class DINO(Objective):
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """student_logits [V, B, K], teacher_logits [2, B, K] (views 0 and 1 are the global crops)
         -> (mean over pairs of different views of H(teacher, student), teacher output entropy per
-        image, entropy of the teacher's mean output over the batch)."""
-        teacher_probs = F.softmax((teacher_logits.float() - self.center) / self.teacher_temp, dim=-1)
-        student_log_probs = F.log_softmax(student_logits.float() / self.cfg.student_temp, dim=-1)
-        # H(teacher view t, student view s) for every pair in one matmul: [T, V], averaged over the batch.
-        # (Indexing one pair at a time costs a zero-filled [V, B, K] gradient per pair.)
-        cross = -torch.einsum("tbk,sbk->ts", teacher_probs, student_log_probs) / teacher_probs.shape[1]
+        image, entropy of the teacher's mean output over the batch). In float32 whatever the autocast
+        (bf16 would round the loss to 1/16 and the sharpened softmaxes with it)."""
+        with torch.autocast(student_logits.device.type, enabled=False):
+            teacher_probs = F.softmax((teacher_logits.float() - self.center) / self.teacher_temp, dim=-1)
+            student_log_probs = F.log_softmax(student_logits.float() / self.cfg.student_temp, dim=-1)
+            # H(teacher view t, student view s) for every pair in one matmul: [T, V], averaged over the batch.
+            # (Indexing one pair at a time costs a zero-filled [V, B, K] gradient per pair.)
+            cross = -torch.einsum("tbk,sbk->ts", teacher_probs, student_log_probs) / teacher_probs.shape[1]
         teacher_view, student_view = zip(*view_pairs(len(teacher_probs), len(student_log_probs)))
         loss = cross[list(teacher_view), list(student_view)].mean()  # pairs of different views only
         entropy = torch.special.entr(teacher_probs).sum(-1).mean()

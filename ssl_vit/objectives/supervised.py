@@ -75,10 +75,15 @@ class Supervised(Objective):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 
+    @torch.compiler.disable  # batch-level randomness stays eager under --compile (traced, each draw recompiles)
+    def mix(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm's Mixup/CutMix: mixed images [B, C, H, W] and soft targets [B, classes]."""
+        return self.mixup(images, labels)
+
     def forward(self, batch):
         images, labels = batch["image"], batch["label"]
         if self.mixup is not None and len(images) % 2 == 0:  # timm's Mixup pairs the batch
-            images, soft = self.mixup(images, labels)
+            images, soft = self.mix(images, labels)
             logits = self.logits(images)
             loss = SoftTargetCrossEntropy()(logits, soft)
         else:

@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..objectives import DataInfo, Objective, StepInfo, get_objective
 from .metrics_log import MetricLog
 from .optim import build_optimizer, build_schedule
-from .launch import check_launch, die_with_launcher
+from .launch import check_launch, die_with_launcher, resolve_precision, training_device
 from .pipeline import DataPipeline, Shard
 from .run_folder import CKPT_FILE, RunLock, StateFolder, check_config, default_out, write_config
 from .step import StepResult, optimizer_step, to_device
@@ -42,17 +42,21 @@ class NonFiniteError(RuntimeError):
 
 def plain(model: torch.nn.Module, acc: Accelerator) -> Objective:
     """The objective inside what ``accelerator.prepare`` and ``torch.compile`` wrapped around it."""
-    model = acc.unwrap_model(model)
-    return getattr(model, "_orig_mod", model)
+    return acc.unwrap_model(model, keep_torch_compile=False)
 
 
 class Trainer:
     """Builds everything from a ``RunConfig`` and runs it; ``run()`` returns the ckpt.pt path."""
 
     def __init__(self, run: RunConfig):
+        device = training_device()
+        run = dataclasses.replace(run, train=dataclasses.replace(
+            run.train, precision=resolve_precision(run.train.precision, device)))  # saved resolved: resumes compare it
         self.run_cfg, tc = run, run.train
         self.out = tc.out or default_out(run)
         die_with_launcher()
+        if device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 matmuls in TF32
         self.acc = Accelerator(mixed_precision=tc.precision, log_with="tensorboard", project_dir=self.out)
         check_launch(self.acc)
         shard = self._shard()
@@ -72,8 +76,12 @@ class Trainer:
         self.steps_per_epoch = self.data.steps_per_epoch
         optimizer = build_optimizer(self.objective, tc)
         self.scheduler = build_schedule(optimizer, tc)
-        model = torch.compile(self.objective) if tc.compile else self.objective
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.model, self.optimizer = self.acc.prepare(self.objective, optimizer)
+        # The model was built from the same seed everywhere; from here each process draws its own masks,
+        # drop-path and Mixup (seed + rank), restored exactly on resume with each process's saved RNG.
+        set_seed(tc.seed, device_specific=True)
+        if tc.compile:  # after DDP wraps it (its gradient all-reduce stays overlapped, as timm does), and the
+            self.model = torch.compile(self.model)  # state Accelerate saves keeps plain names: resumes either way
         self.state, self.log = StateFolder(self.out, self.acc), MetricLog(self.acc, self.out)
         self.lock = RunLock(self.out)
         self.skipped_steps = self.skipped_in_a_row = self.skipped_images = 0

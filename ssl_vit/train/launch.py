@@ -1,4 +1,5 @@
-"""Launches that cannot train correctly, refused before anything runs; workers that end with their launcher."""
+"""Launches that cannot train correctly, refused before anything runs; workers that end with their
+launcher; the precision the device will train in."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import os
 import signal
 import sys
 
+import torch
 from accelerate import Accelerator
+from accelerate.utils import parse_flag_from_env
 
 from ..errors import ConfigError
 
@@ -35,3 +38,19 @@ def die_with_launcher() -> None:
         return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def training_device() -> str:
+    """"cuda" where Accelerate will train on a GPU, else "cpu" (known before the Accelerator exists)."""
+    return "cuda" if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu"
+
+
+def resolve_precision(requested: str, device: str) -> str:
+    """--precision auto -> bf16 on a GPU that computes in it, float32 ("no") elsewhere. fp16 on a CPU
+    is refused: Accelerate would run it in float32 without a word."""
+    if requested == "fp16" and device != "cuda":
+        raise ConfigError("--precision fp16 needs a GPU (on a CPU Accelerate silently trains in float32): "
+                          "use --precision bf16 or no, or auto")
+    if requested != "auto":
+        return requested
+    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"

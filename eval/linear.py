@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ssl_vit.backbone import Backbone
 from ssl_vit.data import EpochSampler, ImageDataset, make_loader, train_transform
+from ssl_vit.data.subsets import check_fraction, class_balanced_subset
 
 from .common import EvalError, data_specs, percent, positive_int, print_table, resolve_device, run_cli, write_json
 from .features import (Features, check_labels, each_features, extract, extractors, feature_parser, first_fields,
@@ -61,6 +62,7 @@ class ProbeSettings:
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
+    label_fraction: float = 1.0  # train on this class-balanced, seeded fraction of the labelled train set
 
 
 def probe_model(dim: int, num_classes: int, bn: bool, generator: torch.Generator) -> nn.Module:
@@ -95,7 +97,8 @@ def linear_probe(features: Features, s: Optional[ProbeSettings] = None,
                  device: Optional[torch.device] = None) -> dict:
     """Train on the train features [N, D], return the test accuracy and the settings."""
     s, device = s or ProbeSettings(), device or features.train.device
-    train, train_y = features.train.to(device), features.train_labels.to(device)
+    keep = class_balanced_subset(features.train_labels, s.label_fraction, s.seed)
+    train, train_y = features.train[keep].to(device), features.train_labels[keep].to(device)
     g = torch.Generator().manual_seed(s.seed)
     model = probe_model(train.shape[1], features.num_classes, s.bn, g).to(device)
     optimizer = sgd(model, s)
@@ -177,6 +180,8 @@ def dino_linear_probe(extractor, data: str, args: argparse.Namespace, s: ProbeSe
     source = labelled_source(data, args.image_column, args.label_column)
     augment = train_transform(extractor.img_size, DINO_CROP_SCALE, True, extractor.mean, extractor.std)
     train = image_split(source, data, "train", args.max_train, augment, args.skip_bad_images)
+    labels = torch.tensor(list(train.ds[source.label_column]))
+    train.ds = train.ds.select(class_balanced_subset(labels, s.label_fraction, s.seed).tolist())
     test = image_split(source, data, "test", args.max_test, extractor.transform, args.skip_bad_images)
     feature_dim = backbone.embed_dim * (n + avgpool)
     model = probe_model(feature_dim, source.num_classes, s.bn, torch.Generator().manual_seed(s.seed)).to(device)
@@ -207,7 +212,8 @@ def settings(args: argparse.Namespace) -> ProbeSettings:
     cuda = resolve_device(args.device).type == "cuda"
     batch = CACHED_BATCH if not dino else DINO_BATCH_GPU if cuda else DINO_BATCH_CPU
     return ProbeSettings(args.epochs, args.lr if args.lr is not None else DEFAULT_LR[args.protocol],
-                         args.probe_batch_size or batch, args.bn, args.momentum, args.weight_decay, args.seed)
+                         args.probe_batch_size or batch, args.bn, args.momentum, args.weight_decay, args.seed,
+                         check_fraction(args.label_fraction))
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
@@ -224,6 +230,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label-fraction", type=float, default=1.0,
+                        help="train on this fraction of each class's labelled training images (0.01, 0.1: the "
+                             "1%% / 10%% protocols), chosen by --seed; the test set stays whole")
     parser.add_argument("--n-last-blocks", type=positive_int, default=None,
                         help="dino: class tokens of this many last blocks (default: 4, or 1 from width 768 on)")
     parser.add_argument("--avgpool-patchtokens", action=argparse.BooleanOptionalAction, default=None,
@@ -235,9 +244,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     else:
         device = resolve_device(args.device)
         records = [{**first, **linear_probe(feats, s, device)} for first, feats in each_features(args)]
-    print_table(["checkpoint", "data", "accuracy (%)", "protocol", "epochs", "lr", "bn"],
-                [[r["checkpoint"], r["data"], percent(r["accuracy"]), r["protocol"], r["epochs"], f"{r['lr']:g}",
-                  r["bn"]] for r in records], "linear probe on a frozen backbone")
+    print_table(["checkpoint", "data", "accuracy (%)", "protocol", "labels", "epochs", "lr", "bn"],
+                [[r["checkpoint"], r["data"], percent(r["accuracy"]), r["protocol"], f"{r['label_fraction']:.0%}",
+                  r["epochs"], f"{r['lr']:g}", r["bn"]] for r in records], "linear probe on a frozen backbone")
     write_json(args.json, records)
     return records
 

@@ -140,3 +140,38 @@ def test_dino_only_flags_need_the_dino_protocol(tiny_ckpt, tmp_path, capsys):
             run_cli(linear_mod.main, [tiny_ckpt, *argv, "--cache-dir", str(tmp_path), *SMALL])
         err = capsys.readouterr().err
         assert "Traceback" not in err and err.count("error: ") == 1
+
+
+# ----- label fractions (the 1% / 10% protocols) -----
+def test_class_balanced_subset_takes_the_fraction_of_each_class_by_seed():
+    from ssl_vit.data.subsets import class_balanced_subset
+    from ssl_vit.errors import ConfigError
+
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 4)
+    keep = class_balanced_subset(labels, 0.1, seed=0)
+    assert torch.bincount(labels[keep]).tolist() == [5, 3, 1]  # round(10%), at least one per class
+    assert torch.equal(keep, class_balanced_subset(labels, 0.1, seed=0)) and torch.equal(keep, keep.sort().values)
+    assert not torch.equal(keep, class_balanced_subset(labels, 0.1, seed=1))
+    assert torch.equal(class_balanced_subset(labels, 1.0), torch.arange(84))
+    with pytest.raises(ConfigError, match=r"--label-fraction 0.0: use a fraction in \(0, 1\]"):
+        class_balanced_subset(labels, 0.0)
+
+
+def test_linear_probe_trains_on_the_label_fraction_and_records_it(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Both protocols see only the chosen fraction of the training images; the test set stays whole."""
+    sizes, step, train_dino = [], linear_mod.sgd_step, linear_mod.train_dino_probe
+    monkeypatch.setattr(linear_mod, "sgd_step", lambda m, o, x, y: (sizes.append(len(y)), step(m, o, x, y)))
+    monkeypatch.setattr(linear_mod, "train_dino_probe",
+                        lambda represent, model, train, *a: (sizes.append(len(train)), train_dino(represent, model, train, *a)))
+    args = [tiny_ckpt, "--epochs", "1", "--probe-batch-size", "64", "--cache-dir", str(tmp_path / "c"),
+            "--max-train", "40", "--max-test", "10", "--num-workers", "0"]
+    for protocol, extra in (("cached", []), ("dino", ["--n-last-blocks", "1"])):
+        sizes.clear()
+        out = tmp_path / f"{protocol}.json"
+        run_cli(linear_mod.main, args + ["--label-fraction", "0.25", "--protocol", protocol, *extra, "--json", str(out)])
+        (record,) = json.loads(out.read_text())
+        assert record["label_fraction"] == 0.25 and 6 <= sizes[0] <= 14, (protocol, sizes)  # ~10 of 40, per class
+    with pytest.raises(SystemExit):
+        run_cli(linear_mod.main, args + ["--label-fraction", "1.5"])
+    err = capsys.readouterr().err
+    assert "error: --label-fraction 1.5: use a fraction in (0, 1]" in err and "Traceback" not in err

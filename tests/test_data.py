@@ -139,3 +139,97 @@ def test_random_erasing_in_the_training_transform():
 
     assert spread(0.0) < 1e-5
     assert spread(1.0) > 0.1
+
+
+# ----- data a practitioner has: a folder of unlabelled images, a list of paths -----
+def _photos(root, names):
+    """Small distinct RGB images at the given relative paths under ``root``."""
+    for i, name in enumerate(names):
+        os.makedirs(os.path.dirname(root / name), exist_ok=True)
+        Image.new("RGB", (12, 12), (10 * i, 255 - 10 * i, 7 * i)).save(root / name)
+
+
+def test_flat_or_nested_image_folder_is_unlabelled_with_a_seeded_held_out_split(tmp_path, capsys):
+    from datasets import Image as Img
+
+    names = [f"img{i}.png" for i in range(12)] + [f"2024/trip/{i}.jpg" for i in range(4)] + ["2023/a.png"]
+    _photos(tmp_path, names)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "2024" / "camera.log").write_text("neither")
+    src = load_data(str(tmp_path))
+    assert not src.has_labels and len(src.train) + len(src.test) == 17 and len(src.test) == 2  # 10%, nested too
+    err = capsys.readouterr().err
+    assert "skipped 2 files that are not images" in err and str(tmp_path) in err
+    again = load_data(str(tmp_path))
+    paths = lambda s: sorted(r["path"] for r in s.test.cast_column(s.image_column, Img(decode=False))[s.image_column])  # noqa: E731
+    assert paths(again) == paths(src)  # the held-out images are the same every time
+
+
+def test_folder_without_images_names_the_forms(tmp_path):
+    (tmp_path / "readme.txt").write_text("nothing here")
+    with pytest.raises(DataError, match="holds no images.*local data forms") as err:
+        load_data(str(tmp_path))
+    assert "list.csv" in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
+def test_a_list_of_image_paths_with_labels_and_splits(tmp_path, suffix):
+    import pandas as pd
+
+    names = [f"photos/{i}.png" for i in range(6)]
+    _photos(tmp_path, names)
+    rows = pd.DataFrame({"path": names, "label": ["cat", "dog", "cat", "dog", "cat", "dog"],
+                         "split": ["train"] * 4 + ["test"] * 2})
+    listing = tmp_path / "lists" / f"all{suffix}"
+    os.makedirs(listing.parent)
+    rows["path"] = "../" + rows["path"]  # relative to the list's own folder
+    {".csv": lambda: rows.to_csv(listing, index=False), ".jsonl": lambda: rows.to_json(listing, orient="records", lines=True),
+     ".json": lambda: rows.to_json(listing, orient="records")}[suffix]()
+    src = load_data(str(listing))
+    assert (len(src.train), len(src.test)) == (4, 2) and src.class_names == ["cat", "dog"]
+    first = src.test[0]
+    assert first[src.image_column].getpixel((0, 0)) == (40, 215, 28)  # photos/4.png, read from the right place
+    assert src.class_names[first[src.label_column]] == "cat" and "split" not in src.train.column_names
+
+
+def test_an_unlabelled_list_holds_out_a_test_split_and_bad_lists_are_named(tmp_path):
+    names = [f"{i}.png" for i in range(10)]
+    _photos(tmp_path, names)
+    (tmp_path / "list.csv").write_text("file\n" + "\n".join(names) + "\n")
+    src = load_data(str(tmp_path / "list.csv"))
+    assert not src.has_labels and (len(src.train), len(src.test)) == (9, 1)
+    (tmp_path / "missing.csv").write_text("file\n0.png\nnope.png\n")
+    with pytest.raises(DataError, match=r"1 of the 2 images listed in .*missing.csv do not exist \(first: .*nope.png\)"):
+        load_data(str(tmp_path / "missing.csv"))
+    (tmp_path / "nocol.csv").write_text("where\n0.png\n1.png\n")
+    with pytest.raises(DataError, match="no column of image paths.*--image-column"):
+        load_data(str(tmp_path / "nocol.csv"))
+    assert load_data(str(tmp_path / "nocol.csv"), image_column="where").train.num_rows == 1
+    (tmp_path / "one.csv").write_text("file\n0.png\n")
+    with pytest.raises(DataError, match="1 image: too few to hold out a test split"):
+        load_data(str(tmp_path / "one.csv"))
+    (tmp_path / "badsplit.csv").write_text("file,split\n0.png,train\n1.png,val\n")
+    with pytest.raises(DataError, match=r"'split' column .* holds \['train', 'val'\]: use 'train' and 'test'"):
+        load_data(str(tmp_path / "badsplit.csv"))
+    with pytest.raises(DataError, match="drop --streaming"):
+        load_data(str(tmp_path / "list.csv"), streaming=True)
+
+
+UNLABELLED_RUN = ["--model", "vit_tiny", "--depth", "1", "--patch-size", "4", "--img-size", "16", "--batch-size", "8",
+                  "--num-workers", "0", "--steps", "1"]
+OBJECTIVE_ARGS = {"masked_patch": [], "mae": ["--decoder-dim", "32", "--decoder-depth", "1"],
+                  "dino": ["--out-dim", "32", "--hidden-dim", "32", "--bottleneck-dim", "16", "--local-crops-number", "2"]}
+
+
+def test_an_unlabelled_folder_trains_the_self_supervised_recipes_and_is_refused_by_supervised(tmp_path):
+    from ssl_vit.checkpoint import load_checkpoint
+    from ssl_vit.train import run_recipe
+
+    _photos(tmp_path / "photos", [f"{i}.png" for i in range(20)])
+    data = ["--data", str(tmp_path / "photos")]
+    for objective, extra in OBJECTIVE_ARGS.items():
+        path = run_recipe(objective, argv=[*UNLABELLED_RUN, *extra, *data, "--out", str(tmp_path / objective)])
+        assert load_checkpoint(path)["step"] == 1
+    with pytest.raises(DataError, match="needs labels and .*photos has no label column"):
+        run_recipe("supervised", argv=[*UNLABELLED_RUN, *data, "--out", str(tmp_path / "sup")])
+    assert not (tmp_path / "sup").exists()  # refused before the folder was touched

@@ -6,18 +6,26 @@ One naming scheme, shared by the recipes and the eval modules:
   installed package), so the first run needs no network;
 * a local folder with ``*train*.parquet`` / ``*test*.parquet`` files, or with ``train/`` and
   ``test/`` image folders (``datasets``' imagefolder), or a single Parquet file;
+* a folder of images, flat or nested (``datasets``' imagefolder: class subfolders at one depth
+  give labels, anything else none), with a test split held out by a fixed seed;
+* a list of image paths (``.csv``, ``.json``, ``.jsonl``; paths relative to the list's folder),
+  with optional labels and an optional ``split`` column (``train`` / ``test``);
 * a Hugging Face hub name such as ``cifar10`` (optionally streamed).
+
+Files in an image folder that are not images are skipped and counted.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import datasets
 from datasets import ClassLabel, Dataset, IterableDataset
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
 from ..errors import UserError
 
@@ -25,10 +33,15 @@ HFData = Union[Dataset, IterableDataset]
 
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture")
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "target", "class")
+PATH_COLUMN_NAMES = ("image", "path", "image_path", "file", "file_name", "filename", "img")  # lists of paths
+LIST_SUFFIXES = {".csv": Dataset.from_csv, ".json": Dataset.from_json, ".jsonl": Dataset.from_json}
+SPLIT_COLUMN = "split"  # optional column of a list: "train" or "test" per image
 LOCAL_FORMS = (
     "  --data default                     the embedded digits data set\n"
-    "  --data path/to/folder              *train*.parquet and *test*.parquet inside, or train/ and test/ image folders\n"
-    "  --data path/to/file.parquet        one Parquet file (10% is held out as the test split)"
+    "  --data path/to/folder              *train*.parquet and *test*.parquet inside, or train/ and test/ image folders,\n"
+    "                                     or any folder of images (flat or nested; 10% is held out as the test split)\n"
+    "  --data path/to/file.parquet        one Parquet file (10% is held out as the test split)\n"
+    "  --data path/to/list.csv            a list of image paths (.csv, .json, .jsonl) with optional label and split columns"
 )
 HELD_OUT_FRACTION = 0.1  # test split carved from a source that has none
 
@@ -73,6 +86,8 @@ def _digits() -> datasets.DatasetDict:
 
 
 def _hold_out(ds: Dataset, label_column: Optional[str]) -> datasets.DatasetDict:
+    if len(ds) < 2:
+        raise DataError(f"{len(ds)} image: too few to hold out a test split from; add images or give a test split")
     stratify = label_column if label_column and isinstance(ds.features[label_column], ClassLabel) else None
     return ds.train_test_split(test_size=HELD_OUT_FRACTION, seed=0, stratify_by_column=stratify)
 
@@ -87,22 +102,80 @@ def _parquet_files(path: str) -> dict[str, list[str]]:
     return {split: found for split, found in files.items() if found} if files["train"] else {}
 
 
-def _load_local(path: str, streaming: bool) -> dict[str, HFData]:
+def _load_local(path: str, streaming: bool, image_column: Optional[str]) -> dict[str, HFData]:
+    if os.path.splitext(path)[1].lower() in LIST_SUFFIXES:
+        return _load_list(path, image_column, streaming)
     files = _parquet_files(path)
     if os.path.isfile(path):
         return {"train": datasets.load_dataset("parquet", data_files=files["train"], split="train",
                                                streaming=streaming)}
     if files:
         return dict(datasets.load_dataset("parquet", data_files=files, streaming=streaming))
-    if os.path.isdir(os.path.join(path, "train")):
-        return dict(datasets.load_dataset("imagefolder", data_dir=path, streaming=streaming))
-    raise DataError(
-        f"{path} holds neither *train*.parquet files nor a train/ image folder; local data forms:\n{LOCAL_FORMS}"
-    )
+    if not _count_files(path):
+        raise DataError(f"{path} holds no images, no *train*.parquet files and no train/ image folder; "
+                        f"local data forms:\n{LOCAL_FORMS}")
+    return dict(datasets.load_dataset("imagefolder", data_dir=path, streaming=streaming))
+
+
+def _count_files(folder: str) -> int:
+    """The number of images under ``folder`` (any depth, hidden files left out), saying how many other
+    files imagefolder will skip; the metadata files it reads count as neither."""
+    images, others = 0, []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if name.startswith(".") or name in ImageFolder.METADATA_FILENAMES:
+                continue
+            if os.path.splitext(name)[1].lower() in ImageFolder.EXTENSIONS:
+                images += 1
+            else:
+                others.append(os.path.join(root, name))
+    if others and images:
+        _note(f"data: skipped {len(others)} files that are not images in {folder} (e.g. {others[0]})")
+    return images
+
+
+def _note(line: str) -> None:
+    """A line about the data for the user, printed by the first process only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
+def _load_list(path: str, image_column: Optional[str], streaming: bool) -> dict[str, HFData]:
+    """A list of image paths (relative to the list's folder) with optional label and split columns."""
+    if streaming:
+        raise DataError(f"--streaming reads hub data sets and Parquet files; {path} is a list: drop --streaming")
+    table = LIST_SUFFIXES[os.path.splitext(path)[1].lower()](path)
+    column = _pick_column(table, image_column, PATH_COLUMN_NAMES, datasets.Image, "image path", path)
+    if column is None:
+        raise DataError(f"{path} has no column of image paths (columns: {table.column_names}); name it with "
+                        f"--image-column (looked for {', '.join(PATH_COLUMN_NAMES)})")
+    folder = os.path.dirname(os.path.abspath(path))
+    paths = [os.path.join(folder, os.path.expanduser(str(p))) for p in table[column]]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} of the {len(paths)} images listed in {path} do not exist (first: {missing[0]}); "
+                        "paths are read relative to the list's folder")
+    resolved = table.add_column(f"{column}__resolved", paths).remove_columns(column)
+    table = resolved.rename_column(f"{column}__resolved", column).cast_column(column, datasets.Image())
+    if SPLIT_COLUMN not in table.column_names:
+        return {"train": table}
+    return _list_splits(table, path)
+
+
+def _list_splits(table: Dataset, path: str) -> dict[str, Dataset]:
+    """The rows of a list by its ``split`` column (train / test), without that column."""
+    values = set(table.unique(SPLIT_COLUMN))
+    if not values <= {"train", "test"} or "train" not in values:
+        raise DataError(f"the {SPLIT_COLUMN!r} column of {path} holds {sorted(map(str, values))}: use 'train' and "
+                        "'test' (or leave the column out: 10% is then held out as the test split)")
+    splits = {name: table.filter(lambda v, name=name: v == name, input_columns=SPLIT_COLUMN) for name in values}
+    return {name: ds.remove_columns(SPLIT_COLUMN) for name, ds in splits.items()}
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or spec.endswith(".parquet") or os.sep + os.sep in spec
+    return (spec.startswith((".", "/", "~")) or spec.endswith((".parquet", *LIST_SUFFIXES))
+            or os.sep + os.sep in spec)
 
 
 def _load_hub(name: str, streaming: bool) -> dict[str, HFData]:
@@ -141,7 +214,7 @@ def load_data(
     if spec == "default":
         splits = dict(_digits())
     elif os.path.exists(os.path.expanduser(spec)):
-        splits = _load_local(os.path.expanduser(spec), streaming)
+        splits = _load_local(os.path.expanduser(spec), streaming, image_column)
     elif _looks_like_path(spec):
         raise DataError(f"data path {spec!r} does not exist; local data forms:\n{LOCAL_FORMS}")
     else:

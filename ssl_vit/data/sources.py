@@ -131,7 +131,8 @@ def _count_files(folder: str) -> int:
             else:
                 others.append(os.path.join(root, name))
     if others and images:
-        _note(f"data: skipped {len(others)} files that are not images in {folder} (e.g. {others[0]})")
+        files = "1 file that is" if len(others) == 1 else f"{len(others)} files that are"
+        _note(f"data: skipped {files} not images in {folder} (e.g. {others[0]})")
     return images
 
 

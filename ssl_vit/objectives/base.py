@@ -89,6 +89,11 @@ class Objective(nn.Module):
         """Lines printed at the end of training (e.g. a collapse report)."""
         return []
 
+    def headline(self, record: dict, results: dict) -> Optional[str]:
+        """One line for the end of a run: the objective's own metric against its trivial baseline, from
+        the last training record of ``metrics.jsonl`` (means over its steps) and the test ``results``."""
+        return None
+
     # ----- what is saved -----
     def export_backbone(self) -> Backbone:
         """The backbone written to ``ckpt.pt`` (DINO: the teacher)."""

@@ -192,7 +192,16 @@ class MAE(Objective):
         images = batch["image"]
         latent, masking, grid = self.forward_encoder(images)
         pred = self.forward_decoder(latent, masking.restore, grid)
-        return self.forward_loss(images, pred, masking.mask), {}
+        with torch.no_grad():  # the trivial answer, for comparison: every pixel at its patch's mean
+            target = self.target(images)
+            flat = self.forward_loss(images, target.mean(dim=-1, keepdim=True).expand_as(target), masking.mask)
+        return self.forward_loss(images, pred, masking.mask), {"patch_mean_loss": flat}
+
+    def headline(self, record, results):
+        if "patch_mean_loss" not in record:
+            return None
+        return (f"MAE: reconstruction loss {record['loss']:.4f} on the masked patches against "
+                f"{record['patch_mean_loss']:.4f} for filling each with its own mean (training batches at step {record['step']})")
 
     def no_weight_decay(self) -> set[str]:
         """MAE's rule (``optim_factory.add_weight_decay`` with no skip list): every parameter with

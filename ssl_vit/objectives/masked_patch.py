@@ -235,3 +235,10 @@ class MaskedPatchPrediction(Objective):
             ones = torch.ones(true.numel(), device=true.device)
             baseline = torch.zeros(NUM_COLORS, device=true.device).index_add_(0, true.flatten(), ones).max() / true.numel()
         return loss, {"color_accuracy": accuracy, "baseline_accuracy": baseline.float()}
+
+    def headline(self, record, results):
+        if "color_accuracy" not in record:
+            return None
+        return (f"masked patch: colour accuracy {record['color_accuracy']:.3f} on the corrupted patches against "
+                f"{record['baseline_accuracy']:.3f} for guessing each batch's most frequent colour "
+                f"(training batches at step {record['step']})")

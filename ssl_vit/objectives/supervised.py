@@ -100,3 +100,9 @@ class Supervised(Objective):
 
     def test_metrics(self, sums):
         return {"test_accuracy": (sums["correct"].float() / sums["count"].clamp(min=1)).item()}
+
+    def headline(self, record, results):
+        if "test_accuracy" not in results:
+            return None
+        k = self.data.num_classes
+        return f"supervised: test accuracy {results['test_accuracy']:.3f} against {1 / k:.3f} for guessing among {k} classes"

@@ -32,6 +32,7 @@ from .launch import check_launch, die_with_launcher, resolve_precision, training
 from .pipeline import DataPipeline, Shard
 from .run_folder import CKPT_FILE, RunLock, StateFolder, check_config, default_out, write_config
 from .step import StepResult, optimizer_step, to_device
+from .summary import run_summary
 
 __all__ = ["NonFiniteError", "Trainer", "default_out", "run_recipe", "train"]
 
@@ -233,7 +234,10 @@ class Trainer:
             acc.print(line)
         path = self._write_checkpoint(step, results)
         acc.end_training()
-        acc.print(f"checkpoint: {path}")
+        if acc.is_main_process:
+            for line in run_summary(plain(self.model, acc), self.log.last_record(), results, path, tc.data,
+                                    self.source.has_labels):
+                print(line)
         return path
 
 

@@ -59,6 +59,15 @@ class MetricLog:
             kept = [line for line in fh if _step_of(line) is not None and _step_of(line) <= step]
         atomic_write(self.path, lambda tmp: open(tmp, "w").write("".join(kept)))
 
+    def last_record(self) -> dict:
+        """The last training record (one with a loss) in ``metrics.jsonl``, written by this process or,
+        for a resumed run, an earlier one; {} when there is none."""
+        if not os.path.exists(self.path):
+            return {}
+        with open(self.path) as fh:
+            records = [json.loads(line) for line in fh if _step_of(line) is not None]
+        return next((r for r in reversed(records) if "loss" in r), {})
+
     def write(self, record: dict) -> None:
         if self.acc.is_main_process:
             with open(self.path, "a") as fh:

@@ -38,7 +38,7 @@ from ssl_vit.checkpoint import atomic_write, backbone_info
 from ssl_vit.data import DataSource, ImageDataset
 from ssl_vit.names import short_name
 
-from .common import EvalError, data_specs, percent, positive_int, print_table, run_cli, write_json
+from .common import EvalError, data_specs, percent, positive_int, print_table, resolve_device, run_cli, write_json
 from .features import Features, each_features, feature_parser, labelled_source
 from .embedding_figures import FIGURES
 from .inspection_figures import panel_count
@@ -82,12 +82,15 @@ def seeded_positions(n: int, count: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)[:count].sort().values
 
 
-def nearest_training(features: Features, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_training(features: Features, k: int,
+                     device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cosine similarities, positions in ``features.train``) [M, K] of each test point's k most similar
-    training points, most similar first."""
-    train, test = F.normalize(features.train.float(), dim=1), F.normalize(features.test.float(), dim=1)
+    training points, most similar first; searched on ``device`` (default: the features'), returned on the CPU."""
+    device = device or features.train.device
+    train = F.normalize(features.train.float().to(device), dim=1)
+    test = F.normalize(features.test.float().to(device), dim=1)
     sims, idx = zip(*topk_chunks(train, test, k))
-    return torch.cat(sims), torch.cat(idx)
+    return torch.cat(sims).cpu(), torch.cat(idx).cpu()
 
 
 def neighbour_agreement(neighbour_labels: torch.Tensor, labels: torch.Tensor) -> float:
@@ -114,13 +117,14 @@ def split_images(source: DataSource, split: str, rows: list[int]) -> list[np.nda
     return [dataset[row]["image"] for row in rows]
 
 
-def explore(first: dict, features: Features, source: DataSource, args: argparse.Namespace) -> View:
+def explore(first: dict, features: Features, source: DataSource, args: argparse.Namespace,
+            device: torch.device) -> View:
     """One checkpoint's view of one data set: the 2-D map, the neighbour agreement, the queries."""
     k = args.neighbours
     if k > len(features.train) or len(features.test) < MIN_TEST_IMAGES:
         raise EvalError(f"{first['data']} has {len(features.train)} readable training and {len(features.test)} test "
                         f"images: too few for --neighbours {k} or a 2-D map (at least {MIN_TEST_IMAGES} test images)")
-    sims, idx = nearest_training(features, k)
+    sims, idx = nearest_training(features, k, device)
     neighbour_labels = features.train_labels[idx]  # [M, K]
     queries = seeded_positions(len(features.test), args.queries, args.seed)  # the same for every checkpoint
     shown = seeded_positions(len(features.test), args.max_points, args.seed)
@@ -205,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    sources = validate(args)
-    views = [explore(first, feats, sources[first["data"]], args) for first, feats in each_features(args)]
+    sources, device = validate(args), resolve_device(args.device)
+    views = [explore(first, feats, sources[first["data"]], args, device) for first, feats in each_features(args)]
     payload = write_outputs(views, args.out)
     records = payload["records"]
     print_table(["checkpoint", "data", "PCA 2 (%)", "PCA 10 (%)", f"agreement@{args.neighbours} (%)"],

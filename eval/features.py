@@ -36,20 +36,24 @@ from ssl_vit.data import (MEAN, STD, DataSource, EpochSampler, ImageDataset, eva
 
 from .common import DEFAULT_CACHE_DIR, EvalError, base_parser, data_specs, positive_int, resolve_device
 
-FEATURES_VERSION = 1  # part of the cache key: bump it when the extraction itself changes
+FEATURES_VERSION = 2  # part of the cache key: bump it when the extraction itself changes (2: split rows kept)
 SUBSET_SEED = 0  # --max-train / --max-test draw the same images every time
 HASH_CHUNK = 1 << 20
 
 
 @dataclass
 class Features:
-    """train: [N, D] float32, train_labels: [N] int64, test: [M, D], test_labels: [M]."""
+    """train: [N, D] float32, train_labels: [N] int64, test: [M, D], test_labels: [M]; train_rows [N]
+    and test_rows [M]: the row of the data set's split each feature comes from (a ``--max-train``
+    subset and skipped images leave rows out), None where not known."""
 
     train: torch.Tensor
     train_labels: torch.Tensor
     test: torch.Tensor
     test_labels: torch.Tensor
     num_classes: int
+    train_rows: Optional[torch.Tensor] = None
+    test_rows: Optional[torch.Tensor] = None
 
 
 def feature_parser(description: str) -> argparse.ArgumentParser:
@@ -95,12 +99,18 @@ def data_identity(spec: str):
     ]
 
 
+def subset_rows(size: int, n: Optional[int]) -> Optional[list[int]]:
+    """The rows of a fixed random subset of ``n`` of ``size`` rows, in their original order; None for all."""
+    if n is None or n >= size:
+        return None
+    g = torch.Generator().manual_seed(SUBSET_SEED)
+    return sorted(torch.randperm(size, generator=g)[:n].tolist())
+
+
 def subset(ds, n: Optional[int]):
     """A fixed random subset of ``n`` rows (in their original order), or ``ds`` itself."""
-    if n is None or n >= len(ds):
-        return ds
-    g = torch.Generator().manual_seed(SUBSET_SEED)
-    return ds.select(sorted(torch.randperm(len(ds), generator=g)[:n].tolist()))
+    rows = subset_rows(len(ds), n)
+    return ds if rows is None else ds.select(rows)
 
 
 def image_split(source: DataSource, data: str, split: str, limit: Optional[int], transform,
@@ -120,13 +130,13 @@ def frozen_autocast(device: torch.device):
 
 @torch.inference_mode()
 def extract(represent: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset, batch_size: int,
-            num_workers: int, device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+            num_workers: int, device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Representations [N, D] (float32, CPU; ``represent``: images [B, C, H, W] -> [B, D], such as a
-    backbone) and labels [N] of every image, in data set order."""
+    backbone), labels [N] and positions in ``dataset`` [N] of every readable image, in data set order."""
     sampler = EpochSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
     loader = make_loader(dataset, sampler, num_workers, pin_memory=device.type == "cuda")
     autocast = frozen_autocast(device)
-    feats, labels, skipped = [], [], 0
+    feats, labels, positions, skipped = [], [], [], 0
     with tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr) as bar:
         for batch in loader:
             skipped += batch["skipped"]
@@ -137,12 +147,13 @@ def extract(represent: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDat
                 out = represent(batch["image"].to(device, non_blocking=True))
             feats.append(out.float().cpu())
             labels.append(batch["label"])
+            positions.append(batch["index"])
             bar.update(len(out))
     if skipped:
         print(f"{desc}: left out {skipped} unreadable images (--skip-bad-images)", file=sys.stderr)
     if not feats:
         raise EvalError(f"{desc}: no readable image")
-    return torch.cat(feats), torch.cat(labels).long()
+    return torch.cat(feats), torch.cat(labels).long(), torch.cat(positions).long()
 
 
 class FeatureExtractor:
@@ -180,43 +191,47 @@ class FeatureExtractor:
             path = self.cache_path(data, split, limit, (image_column, label_column))
             cached = read_cache(path)
             if cached is not None:
-                out[split], num_classes = cached[:2], cached[2]
+                out[split], num_classes = cached
                 continue
             source = source or labelled_source(data, image_column, label_column)
             num_classes = source.num_classes
             dataset = image_split(source, data, split, limit, self.transform, self.skip_bad_images)
-            feats, labels = extract(self.backbone, dataset, self.batch_size, self.num_workers, self.device,
-                                    f"features {split} {os.path.basename(self.spec)}")
+            feats, labels, positions = extract(self.backbone, dataset, self.batch_size, self.num_workers,
+                                               self.device, f"features {split} {os.path.basename(self.spec)}")
             check_labels(labels, num_classes, data, split)
+            chosen = subset_rows(len(getattr(source, split)), limit)
+            rows = positions if chosen is None else torch.tensor(chosen)[positions]  # subset position -> split row
             meta = {"checkpoint": self.spec, "data": data, "split": split, "num_classes": str(num_classes)}
-            tensors = {"features": feats.contiguous(), "labels": labels}
+            tensors = {"features": feats.contiguous(), "labels": labels, "rows": rows}
             atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-            out[split] = (feats, labels)
-        return Features(*out["train"], *out["test"], num_classes)
+            out[split] = tensors
+        return Features(out["train"]["features"], out["train"]["labels"], out["test"]["features"],
+                        out["test"]["labels"], num_classes, out["train"]["rows"], out["test"]["rows"])
 
 
-def read_cache(path: str) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(features, labels, number of classes) of a cache entry, or None when there is none. A corrupt
-    entry (a write cut short elsewhere, a disk fault) is removed and rebuilt, never an error."""
+def read_cache(path: str) -> Optional[tuple[dict[str, torch.Tensor], int]]:
+    """(tensors ``features``, ``labels``, ``rows``; number of classes) of a cache entry, or None when there
+    is none. A corrupt entry (a write cut short elsewhere, a disk fault) is removed and rebuilt, never an error."""
     if not os.path.exists(path):
         return None
     try:
         with safe_open(path, "pt") as fh:
             num_classes = int(fh.metadata()["num_classes"])
         tensors = load_file(path)
-        return tensors["features"], tensors["labels"], num_classes
+        return {key: tensors[key] for key in ("features", "labels", "rows")}, num_classes
     except Exception as err:  # safetensors raises its own error types, plus OSError, KeyError, TypeError
         print(f"feature cache {path} is unreadable ({type(err).__name__}); extracting again", file=sys.stderr)
         os.remove(path)
         return None
 
 
-def labelled_source(data: str, image_column: Optional[str], label_column: Optional[str]) -> DataSource:
-    """``load_data`` with the checks evaluation needs: labels, and a test split."""
+def labelled_source(data: str, image_column: Optional[str], label_column: Optional[str],
+                    why: str = "it reports class accuracy") -> DataSource:
+    """``load_data`` with the checks evaluation needs: labels (``why``: for the message), and a test split."""
     source = load_data(data, image_column, label_column)
     if not source.has_labels or not source.num_classes:
         raise EvalError(
-            f"{data} has no label column: evaluation needs labels (it reports class accuracy); "
+            f"{data} has no label column: evaluation needs labels ({why}); "
             "name the column with --label-column, or evaluate on a labelled data set"
         )
     if source.test is None:

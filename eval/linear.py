@@ -187,7 +187,7 @@ def dino_linear_probe(extractor, data: str, args: argparse.Namespace, s: ProbeSe
     model = probe_model(feature_dim, source.num_classes, s.bn, torch.Generator().manual_seed(s.seed)).to(device)
     check = partial(check_labels, num_classes=source.num_classes, data=data, split="train")
     train_dino_probe(represent, model, train, s, args.num_workers, device, check)
-    test_x, test_y = extract(represent, test, args.batch_size, args.num_workers, device, "features test")
+    test_x, test_y, _ = extract(represent, test, args.batch_size, args.num_workers, device, "features test")
     check_labels(test_y, source.num_classes, data, "test")
     return {"protocol": "dino", "accuracy": accuracy(model, test_x.to(device), test_y.to(device)),
             **dataclasses.asdict(s), "n_last_blocks": n, "avgpool_patchtokens": avgpool,

@@ -23,6 +23,19 @@ CHOICES = {"precision": ("auto", "no", "bf16", "fp16"), "lr_scaling": ("linear",
            "clip_grad_mode": ("norm", "per_param")}
 AT_LEAST = {"steps": 0, "batch_size": 1, "grad_accum": 1, "log_every": 1, "save_every": 0, "eval_every": 0,
             "num_workers": 0, "max_skipped_steps": 1}  # 0 for save_every / eval_every: at the end only
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # --report-to also takes "all" (every one) and "none"
+
+
+def requested_trackers(report_to: str) -> tuple[str, ...]:
+    """The trackers ``--report-to`` names: one of TRACKERS or a comma-separated list of them, "all" or "none"."""
+    names = [name.strip() for name in report_to.split(",")]
+    if names in (["all"], ["none"]):
+        return TRACKERS if names == ["all"] else ()
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"--report-to {report_to}: unknown tracker {', '.join(map(repr, unknown))}; use one of "
+                          f"{', '.join(TRACKERS)}, a comma-separated list of them (wandb,mlflow), all or none")
+    return tuple(dict.fromkeys(names))
 
 
 @dataclass
@@ -65,6 +78,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
     max_skipped_steps: int = 10  # with --on-nonfinite skip: skip at most this many non-finite steps in a row
     compile: bool = False  # torch.compile the objective
+    report_to: str = "tensorboard"  # experiment trackers: tensorboard, wandb, mlflow, a list (wandb,mlflow), all, none
 
     def __post_init__(self):
         for name, valid in CHOICES.items():
@@ -78,6 +92,7 @@ class TrainConfig:
             raise ConfigError(f"--random-erasing {self.random_erasing}: use a probability in [0, 1]")
         if self.stop_at is not None and self.stop_at < 0:
             raise ConfigError(f"--stop-at {self.stop_at}: must be >= 0")
+        requested_trackers(self.report_to)
 
 
 @dataclass

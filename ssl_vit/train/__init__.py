@@ -4,9 +4,9 @@ It owns what every objective shares: devices and processes, mixed precision, gra
 accumulation and clipping, the optimizer and schedule, logging, the test metric, atomic
 checkpoints and exact resume. ``Trainer`` assembles pieces that each work alone:
 ``pipeline`` (loaders and the micro-batches of each step), ``optim`` (optimizer and schedule),
-``step`` (one optimizer step), ``metrics_log`` (metrics.jsonl and the tracker),
-``run_folder`` (config.json, the resumable state, the lock) and ``launch`` (launches that cannot
-train correctly).
+``step`` (one optimizer step), ``metrics_log`` (metrics.jsonl and the trackers), ``trackers``
+(TensorBoard, W&B, MLflow: ``--report-to``), ``run_folder`` (config.json, the resumable state, the
+lock) and ``launch`` (launches that cannot train correctly).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..backbone import build_backbone
 from ..checkpoint import init_weights, load_backbone, load_weights, save_checkpoint
-from ..config import RunConfig
+from ..config import RunConfig, requested_trackers
 from ..data import MEAN, STD, DataError, load_data
 from ..errors import ConfigError
 from ..objectives import DataInfo, Objective, StepInfo, get_objective
@@ -33,6 +33,7 @@ from .pipeline import DataPipeline, Shard
 from .run_folder import CKPT_FILE, RunLock, StateFolder, check_config, default_out, write_config
 from .step import StepResult, optimizer_step, to_device
 from .summary import run_summary
+from .trackers import build_trackers, check_installed, start_trackers
 
 __all__ = ["NonFiniteError", "Trainer", "default_out", "run_recipe", "train"]
 
@@ -58,7 +59,10 @@ class Trainer:
         die_with_launcher()
         if device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 matmuls in TF32
-        self.acc = Accelerator(mixed_precision=tc.precision, log_with="tensorboard", project_dir=self.out)
+        trackers = requested_trackers(tc.report_to)
+        check_installed(trackers)
+        self.acc = Accelerator(mixed_precision=tc.precision, log_with=build_trackers(trackers, self.out) or None,
+                               project_dir=self.out)
         check_launch(self.acc)
         shard = self._shard()
         set_seed(tc.seed)
@@ -220,7 +224,7 @@ class Trainer:
         if step:
             acc.print(f"resuming {self.out} at step {step}/{tc.steps}")
         self.log.truncate_after(step)  # records of steps after the saved state were re-run (or never saved)
-        acc.init_trackers(os.path.basename(os.path.normpath(self.out)))
+        start_trackers(acc, self.run_cfg, self.out)
         step = self._train(step, min(tc.steps, tc.stop_at) if tc.stop_at is not None else tc.steps)
         if tc.steps == 0 and self.state.latest() is None:
             self.state.save(0)

@@ -1,5 +1,5 @@
 """Training metrics: summed on the device between records, one record every --log-every steps to
-``metrics.jsonl`` and the tracker (TensorBoard). ``record`` runs on every process (it averages
+``metrics.jsonl`` and the trackers (``--report-to``). ``record`` runs on every process (it averages
 across them); only the main process writes."""
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 ``config.json`` (a folder whose saved state belongs to another run is refused), ``state/step-N``
 written by ``accelerator.save_state`` behind a ``latest`` pointer (atomic: a crash never leaves a
-half state), and ``.lock``, held by the one process that trains in the folder.
+half state), ``.lock``, held by the one process that trains in the folder, and ``trackers.json``
+(the tracker run ids: ``trackers``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from ..errors import ConfigError
 from ..names import folder_safe
 
 CONFIG_FILE, METRICS_FILE, CKPT_FILE, STATE_DIR = "config.json", "metrics.jsonl", "ckpt.pt", "state"
+TRACKERS_FILE = "trackers.json"  # the W&B and MLflow run ids that a resumed run continues
 # Settings that may change between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = {"out", "save_every", "log_every", "eval_every", "num_workers", "compile", "skip_bad_images",
-                     "stop_at", "max_skipped_steps"}
+                     "stop_at", "max_skipped_steps", "report_to"}
 
 
 def default_out(run: RunConfig) -> str:
@@ -50,12 +52,17 @@ def _flat(d: dict) -> dict:
     return out
 
 
+def has_saved_state(out: str) -> bool:
+    """Whether a run in ``out`` saved a state to resume from (else a run there starts at step 0)."""
+    return os.path.exists(os.path.join(out, STATE_DIR, "latest"))
+
+
 def check_config(out: str, run: RunConfig) -> None:
     """Refuse a folder whose saved state belongs to a run with other settings. A folder with no
     saved state (a start that failed, say) takes the new settings."""
     path = os.path.join(out, CONFIG_FILE)
     new = json.loads(json.dumps(run.to_dict()))
-    if os.path.exists(path) and os.path.exists(os.path.join(out, STATE_DIR, "latest")):
+    if os.path.exists(path) and has_saved_state(out):
         with open(path) as fh:
             old = json.load(fh)
         if old.get("objective") != new["objective"]:

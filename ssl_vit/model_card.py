@@ -57,8 +57,8 @@ EVAL_KINDS = (
              flags=("protocol", "epochs", "lr", "bn", "momentum", "weight_decay", "seed", "crop_fraction",
                     "n_last_blocks", "avgpool_patchtokens"),
              renamed=(("batch_size", "probe_batch_size"),), switches=("bn",)),
-    EvalKind("fine-tuning", "eval.finetune", "protocol", ("paper", "mae"), shown=("protocol", "steps", "lr", "img_size"),
-             flags=FINETUNE_FLAGS),
+    EvalKind("fine-tuning", "eval.finetune", "protocol", ("paper", "mae"),
+             shown=("protocol", "steps", "lr", "img_size"), flags=FINETUNE_FLAGS),
 )
 UNRECORDED_FLAGS = "--max-train, --max-test, --image-column, --label-column, --val-size, --device"
 
@@ -114,6 +114,11 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|")
 
 
+def _table(rows) -> str:
+    """A two-column Markdown table without a header: (name, value) rows."""
+    return "| | |\n|---|---|\n" + "\n".join(f"| {name} | {_cell(value)} |" for name, value in rows)
+
+
 def _accuracy(record: dict) -> str:
     if not isinstance(record.get("accuracy"), (int, float)):
         return "—"
@@ -135,9 +140,10 @@ def evaluation_section(records: list[dict]) -> str:
     if not records:
         return "## Evaluation\n\nNo evaluation results were given to this export (`--eval-json`)."
     rows = "\n".join(map(eval_row, records))
-    return (f"## Evaluation\n\n| evaluation | data | settings | accuracy (%) | command |\n|---|---|---|---|---|\n{rows}\n\n"
-            "`CKPT` is the ssl_vit checkpoint this model was exported from. Each command is derived from the "
-            f"fields its record holds; flags that records do not keep ({UNRECORDED_FLAGS}) take their defaults.")
+    header = "| evaluation | data | settings | accuracy (%) | command |\n|---|---|---|---|---|"
+    return (f"## Evaluation\n\n{header}\n{rows}\n\n`CKPT` is the ssl_vit checkpoint this model was exported from. "
+            "Each command is derived from the fields its record holds; flags that records do not keep "
+            f"({UNRECORDED_FLAGS}) take their defaults.")
 
 
 # ----- pretraining -----
@@ -156,7 +162,7 @@ def pretraining_config(ckpt: dict, ckpt_path: str) -> tuple[dict, str]:
         folder = {}
     if folder.get("objective") == saved["objective"] and folder.get("train") == saved["train"]:
         return with_added_settings(folder), f"the run folder's {CONFIG_FILE}"
-    return with_added_settings(saved), "the checkpoint (backbone settings: the saved backbone's)"
+    return with_added_settings(saved), "the checkpoint, whose backbone settings are the saved backbone's"
 
 
 def objective_title(objective: str) -> str:
@@ -175,17 +181,20 @@ def data_description(data: dict) -> str:
 
 def pretraining_section(ckpt: dict, ckpt_path: str) -> str:
     config, source = pretraining_config(ckpt, ckpt_path)
-    train, step = config["train"], ckpt["step"]
-    settings = ", ".join(f"{k}={v}" for k, v in config["objective_config"].items())
+    objective, train, step = config["objective"], config["train"], ckpt["step"]
     argv, rest = recipe_argv(config)
-    command = shlex.join(["accelerate", "launch", f"recipes/{config['objective']}.py", *argv])
-    no_flag = (f"\n\nThese settings have no flag; give them in a `--config` file: `{json.dumps(rest)}`" if rest else "")
-    return (f"## Pretraining\n\n| | |\n|---|---|\n| objective | `{config['objective']}`: {objective_title(config['objective'])} |\n"
-            f"| objective settings | {_cell(settings) or '—'} |\n| data | {_cell(data_description(ckpt.get('data') or {}))} |\n"
-            f"| steps | {step} (of a {train['steps']}-step schedule) |\n| batch size | {train['batch_size']} |\n"
-            f"| images seen | {step * train['batch_size']:,} (steps x batch size) |\n\n"
-            f"To repeat the run (settings from {source}; a flag for each that differs from the recipe's defaults):\n\n"
-            f"```bash\n{command}\n```{no_flag}")
+    command = shlex.join(["accelerate", "launch", f"recipes/{objective}.py", *argv])
+    no_flag = f"\n\nThese settings have no flag; give them in a `--config` file: `{json.dumps(rest)}`" if rest else ""
+    table = _table([
+        ("objective", f"`{objective}`: {objective_title(objective)}"),
+        ("objective settings", ", ".join(f"{k}={v}" for k, v in config["objective_config"].items()) or "—"),
+        ("data", data_description(ckpt.get("data") or {})),
+        ("steps", f"{step} (of a {train['steps']}-step schedule)"),
+        ("batch size", train["batch_size"]),
+        ("images seen", f"{step * train['batch_size']:,} (steps x batch size)"),
+    ])
+    return (f"## Pretraining\n\n{table}\n\nTo repeat the run (settings from {source}; a flag for each that "
+            f"differs from the recipe's defaults):\n\n```bash\n{command}\n```{no_flag}")
 
 
 # ----- the backbone and how to load it -----
@@ -201,10 +210,13 @@ def model_section(backbone: Backbone, weights: str, objective: str) -> str:
     pool = "the class token" if cfg.global_pool == "token" else "the mean of the normalised patch tokens"
     position = "learned" if cfg.pos_embed == "learned" else "fixed 2-D sin-cos (stored as ViTModel's learned table)"
     source = {"teacher": "the DINO teacher (the backbone DINO evaluates)", "student": "the DINO student"}
-    return (f"## Model\n\n| | |\n|---|---|\n| architecture | {geometry} |\n"
-            f"| representation | {pool} (`--global-pool {cfg.global_pool}`): `{POOLED[cfg.global_pool]}`, "
-            f"[B, {backbone.embed_dim}]; config.json: `ssl_vit.representation` |\n"
-            f"| position embeddings | {position} |\n| weights | {source.get(weights, f'the {objective} backbone')} |")
+    return "## Model\n\n" + _table([
+        ("architecture", geometry),
+        ("representation", f"{pool} (`--global-pool {cfg.global_pool}`): `{POOLED[cfg.global_pool]}`, "
+                           f"[B, {backbone.embed_dim}]; config.json: `ssl_vit.representation`"),
+        ("position embeddings", position),
+        ("weights", source.get(weights, f"the {objective} backbone")),
+    ])
 
 
 def loading_section(backbone: Backbone, repo: str, ckpt_path: str, student: bool) -> str:

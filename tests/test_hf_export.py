@@ -1,4 +1,4 @@
-"""``--format hf``: a folder transformers loads with our outputs, refusals in one line, the model card, the Hub upload."""
+"""``--format hf``: a folder transformers loads with our outputs, one-line refusals, the model card, the upload."""
 
 import importlib
 import json
@@ -122,7 +122,7 @@ def test_a_hybrid_and_a_norm_after_averaging_are_refused_in_one_line(tmp_path, c
 def _layer_scale(backbone):
     from timm.layers import LayerScale
 
-    backbone.vit.blocks[1].ls1 = LayerScale(backbone.embed_dim, init_values=0.1)
+    backbone.vit.blocks[1].ls2 = LayerScale(backbone.embed_dim, init_values=0.1)
 
 
 def _qk_norm(backbone):

@@ -107,12 +107,13 @@ def _model_issue(backbone: Backbone) -> Optional[str]:
 
 def _block_issue(block: nn.Module) -> Optional[str]:
     """What a Transformer block has that ViTLayer lacks, or None."""
-    from timm.layers import Attention, Mlp
-    from timm.models.vision_transformer import Block
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Attention, Block  # both named here in every timm 1.x
 
-    if type(block) is not Block or type(block.attn) is not Attention or type(block.mlp) is not Mlp:
-        return f"{type(block).__name__} blocks with {type(block.attn).__name__} and {type(block.mlp).__name__}"
-    attn, mlp, width = block.attn, block.mlp, block.norm1.normalized_shape[0]
+    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    if type(block) is not Block or type(attn) is not Attention or type(mlp) is not Mlp:
+        return f"{type(block).__name__} blocks with {type(attn).__name__} and {type(mlp).__name__}"
+    width = attn.qkv.in_features
     probe = torch.linspace(-4, 4, 81)
     checks = (
         (not (_identity(block.ls1) and _identity(block.ls2)), "layer scale"),
@@ -229,10 +230,11 @@ def check_out_dir(out_dir: str) -> None:
 def write_folder(out_dir: str, model, processor, card) -> None:
     """Save model, processor and card into a temporary folder beside ``out_dir``, then move each file in
     (a rename: a crash never leaves half a file); a full disk is a ``DiskFullError``."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(dir=parent, prefix=".tmp-hf-")
+    stage = None
     try:
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
+        stage = tempfile.mkdtemp(dir=parent, prefix=".tmp-hf-")
         model.save_pretrained(stage)
         processor.save_pretrained(stage)
         card.save(os.path.join(stage, "README.md"))
@@ -242,9 +244,12 @@ def write_folder(out_dir: str, model, processor, card) -> None:
     except Exception as err:  # transformers' and safetensors' writers have their own error types
         if disk_full(err):
             raise DiskFullError(out_dir) from err
+        if isinstance(err, PermissionError):
+            raise HFExportError(f"cannot write {out_dir} ({err.strerror}): pass a folder you may write to") from err
         raise
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 # ----- the Hub -----

@@ -263,3 +263,15 @@ def test_hf_flags_need_the_hf_format_and_transformers(tmp_path, capsys, monkeypa
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     assert 'pip install -e ".[hf]"' in _refused(capsys, ckpt, tmp_path / "hf", "--format", "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_an_unwritable_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    from ssl_vit import hf_export
+
+    def refuse(*a, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    ckpt = _checkpoint(tmp_path / "ckpt.pt", tiny_vit())
+    monkeypatch.setattr(hf_export.tempfile, "mkdtemp", refuse)  # as a folder the user may not write to (not root)
+    line = _refused(capsys, ckpt, tmp_path / "hf", "--format", "hf")
+    assert "cannot write" in line and "Permission denied" in line

@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# bench: lightly and vit-pytorch beside ours; wandb, mlflow: the trackers, tested offline; hf: the transformers export
+TEST_EXTRAS := dev,bench,wandb,mlflow,hf
 
 .PHONY: setup demo test mutants
 
@@ -16,9 +18,9 @@ demo: setup
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no recipes/masked_patch.py
 
 test: $(BIN)/python
-	$(BIN)/pip install -e ".[dev,bench,wandb,mlflow]"  # bench: lightly and vit-pytorch beside ours; the trackers, tested offline
+	$(BIN)/pip install -e ".[$(TEST_EXTRAS)]"
 	$(BIN)/python -m pytest -q
 
-mutants: $(BIN)/python  # is every named bug caught by the tests? (about 15 minutes on 2 cores; not run by CI)
-	$(BIN)/pip install -e ".[dev,bench,wandb,mlflow]"
+mutants: $(BIN)/python  # is every named bug caught by the tests? (about 25 minutes on 2 cores; not run by CI)
+	$(BIN)/pip install -e ".[$(TEST_EXTRAS)]"
 	$(BIN)/python tools/mutants.py

@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ssl_vit.checkpoint import atomic_write, load_backbone
-from ssl_vit.data import (MEAN, STD, DataSource, EpochSampler, ImageDataset, eval_crop_fraction, eval_transform,
-                          load_data, make_loader)
+from ssl_vit.data import (DataSource, EpochSampler, ImageDataset, eval_crop_fraction, eval_transform, load_data,
+                          make_loader, normalization)
 
 from .common import DEFAULT_CACHE_DIR, EvalError, base_parser, data_specs, positive_int, resolve_device
 
@@ -164,8 +164,7 @@ class FeatureExtractor:
         self.spec, self.device = spec, device
         self.backbone, info = load_backbone(spec)  # CheckpointError for missing or foreign files
         self.backbone.to(device)
-        data = info.get("data") or {}
-        self.mean, self.std = tuple(data.get("mean") or MEAN), tuple(data.get("std") or STD)
+        self.mean, self.std = normalization(info.get("data") or {})
         self.img_size = self.backbone.cfg.img_size
         self.crop_fraction = eval_crop_fraction(self.img_size, crop_fraction)
         self.transform = eval_transform(self.img_size, self.mean, self.std, self.crop_fraction)

@@ -187,6 +187,12 @@ def student_weights(ckpt: dict, path: str) -> dict[str, torch.Tensor]:
     return weights
 
 
+def exported_weights(ckpt: dict, path: str, student: bool = False) -> dict[str, torch.Tensor]:
+    """The backbone weights an export of ``ckpt`` holds (timm key names): its saved backbone (for DINO the
+    teacher), or with ``student`` a DINO run's student."""
+    return student_weights(ckpt, path) if student else ckpt["state_dict"]
+
+
 def export_safetensors(ckpt_path: str, out_path: str, student: bool = False) -> None:
     """Write the backbone alone as safetensors, loadable by ``timm.create_model(name, pretrained=True,
     pretrained_cfg_overlay=dict(file=out_path), **timm_kwargs)``; both are stored in the metadata.
@@ -207,8 +213,7 @@ def export_safetensors(ckpt_path: str, out_path: str, student: bool = False) -> 
         "step": str(ckpt["step"]),
         "data": json.dumps(ckpt.get("data", {})),
     }
-    weights = student_weights(ckpt, ckpt_path) if student else ckpt["state_dict"]
-    tensors = {k: v.contiguous() for k, v in weights.items()}
+    tensors = {k: v.contiguous() for k, v in exported_weights(ckpt, ckpt_path, student).items()}
     atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

@@ -222,3 +222,40 @@ def parse_run_config(objective: str, objective_config_cls, defaults: Optional[di
     if preset is not None and preset.hybrid and not named_patch:
         run.backbone.patch_size = None
     return run
+
+
+def recipe_defaults(objective: str) -> RunConfig:
+    """The settings a recipe runs with when given no flags: the dataclasses' defaults under the objective's
+    ``recipe_defaults``."""
+    from .objectives import get_objective  # the objectives import this module
+
+    cls = get_objective(objective)
+    return parse_run_config(objective, cls.Config, cls.recipe_defaults, argv=[])
+
+
+def flag_args(name: str, value) -> list[str]:
+    """One setting as the recipe's flag: ``--x`` / ``--no-x`` for booleans, ``--x a b`` for tuples."""
+    if isinstance(value, bool):
+        return [_flag(name) if value else "--no-" + name.replace("_", "-")]
+    if isinstance(value, (list, tuple)):
+        return [_flag(name), *map(str, value)]
+    return [_flag(name), str(value)]
+
+
+def recipe_argv(config: dict) -> tuple[list[str], dict]:
+    """The flags that make ``config["objective"]``'s recipe run with the settings of ``config`` (a
+    ``RunConfig.to_dict()``, as a run's config.json holds): one per setting that differs from the recipe's
+    defaults, the run folder (``out``) left to the user. Also returned: the settings no flag can give (a
+    null where the default is a value, or a setting this version no longer has), for a --config file."""
+    defaults = json.loads(json.dumps(recipe_defaults(config["objective"]).to_dict()))
+    given = json.loads(json.dumps(config))
+    argv, rest = [], {}
+    for section in ("train", "backbone", "objective_config"):
+        for name, value in given[section].items():
+            if name == "out" or (name in defaults[section] and value == defaults[section][name]):
+                continue
+            if name not in defaults[section] or value is None:
+                rest[name] = value
+            else:
+                argv += flag_args(name, value)
+    return argv, rest

@@ -2,10 +2,12 @@
 
 from .loader import BadImageError, EpochSampler, ImageDataset, StreamingImageDataset, collate, make_loader
 from .multicrop import MultiCrop
-from .sources import DataError, DataSource, load_data
-from .transforms import MEAN, STD, denormalize, eval_crop_fraction, eval_transform, train_transform
+from .sources import DataError, DataSource, hub_name, load_data
+from .transforms import (MEAN, STD, denormalize, eval_crop_fraction, eval_transform, normalization,
+                         train_transform)
 
 __all__ = [
     "BadImageError", "DataError", "DataSource", "EpochSampler", "ImageDataset", "MEAN", "MultiCrop", "STD",
-    "StreamingImageDataset", "collate", "denormalize", "eval_crop_fraction", "eval_transform", "load_data", "make_loader", "train_transform",
+    "StreamingImageDataset", "collate", "denormalize", "eval_crop_fraction", "eval_transform", "hub_name", "load_data",
+    "make_loader", "normalization", "train_transform",
 ]

@@ -179,6 +179,14 @@ def _looks_like_path(spec: str) -> bool:
             or os.sep + os.sep in spec)
 
 
+def hub_name(spec: str) -> Optional[str]:
+    """The Hugging Face hub data set a ``--data`` value names, as ``load_data`` reads it; None for the
+    embedded digits (``default``) and for local paths."""
+    if spec == "default" or os.path.exists(os.path.expanduser(spec)) or _looks_like_path(spec):
+        return None
+    return spec
+
+
 def _load_hub(name: str, streaming: bool) -> dict[str, HFData]:
     try:
         return dict(datasets.load_dataset(name, streaming=streaming))

@@ -16,6 +16,12 @@ MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
 STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
 
 
+def normalization(data: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) a checkpoint's images were normalised with: its recorded data mean/std (``ckpt.pt``'s
+    ``data``), else MEAN/STD."""
+    return tuple(data.get("mean") or MEAN), tuple(data.get("std") or STD)
+
+
 def to_normalized_tensor(mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> v2.Compose:
     """PIL image -> float tensor [C, H, W], normalised with (mean, std)."""
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])

@@ -38,7 +38,7 @@ def default_out(run: RunConfig) -> str:
 ADDED_TRAIN_SETTINGS = {"clip_grad_mode": "norm", "random_erasing": 0.0}
 
 
-def _with_added_settings(config: dict) -> dict:
+def with_added_settings(config: dict) -> dict:
     """An older config.json, completed with the settings added since at the values it ran with."""
     added = ADDED_OBJECTIVE_SETTINGS.get(config.get("objective"), {})
     return {**config, "train": {**ADDED_TRAIN_SETTINGS, **config.get("train", {})},
@@ -67,7 +67,7 @@ def check_config(out: str, run: RunConfig) -> None:
             old = json.load(fh)
         if old.get("objective") != new["objective"]:
             raise ConfigError(f"{out} holds a {old.get('objective')} run; pass a new --out")
-        a, b = _flat(_with_added_settings(old)), _flat(new)
+        a, b = _flat(with_added_settings(old)), _flat(new)
         diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b)
                 if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES}
         if diff:

@@ -100,7 +100,8 @@ def settings_tag(args) -> list[str]:
     """``name_value`` for each setting given on the command line that shapes the run."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Protocol)}
     given.update(steps=args.steps, batch=args.batch_size, img=args.img_size, warmup=args.warmup_steps,
-                 seed=args.seed or None, crop=None if tuple(args.crop_scale) == CROP_SCALE else args.crop_scale)
+                 seed=args.seed or None, crop=None if tuple(args.crop_scale) == CROP_SCALE else args.crop_scale,
+                 labels=None if args.label_fraction == 1.0 else args.label_fraction)
     return [folder_safe(f"{k}_{v}") for k, v in given.items() if v is not None]
 
 
@@ -142,6 +143,7 @@ def build_run(spec: str, data: str, args) -> RunConfig:
         lr_ref_batch=protocol.lr_ref_batch, min_lr=protocol.min_lr, weight_decay=protocol.weight_decay,
         warmup_steps=args.warmup_steps if args.warmup_steps is not None else int(protocol.warmup_fraction * steps),
         clip_grad=protocol.clip_grad, precision="bf16" if cuda else "no", seed=args.seed,
+        label_fraction=args.label_fraction,
         out=os.path.join(args.out, "-".join(["finetune", args.protocol, folder_safe(short_name(spec)),
                                              folder_safe(short_name(data)), *settings_tag(args)])),
     )
@@ -167,7 +169,7 @@ def finetune(run: RunConfig) -> tuple[dict, bool]:
         "global_pool": bc.global_pool, "fc_norm": bc.fc_norm, "pos_embed": bc.pos_embed,
         "head_init_std": oc.head_init_std, "label_smoothing": oc.label_smoothing, "mixup": oc.mixup,
         "cutmix": oc.cutmix, "randaugment": tc.randaugment, "random_erasing": tc.random_erasing,
-        "crop_scale": list(tc.crop_scale), "run": trainer.out,
+        "crop_scale": list(tc.crop_scale), "label_fraction": tc.label_fraction, "run": trainer.out,
     }, trainer.acc.is_main_process
 
 
@@ -194,6 +196,9 @@ def build_parser():
     parser.add_argument("--warmup-steps", type=int, default=None, help="default: --warmup-fraction x the steps")
     parser.add_argument("--crop-scale", type=float, nargs=2, default=CROP_SCALE)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label-fraction", type=float, default=1.0,
+                        help="train on this fraction of each class's labelled training images (0.01, 0.1: the "
+                             "1%% / 10%% protocols), chosen by --seed; the test set stays whole")
     parser.add_argument("--out", default="runs", help="parent folder of the run folders")
     hints = typing.get_type_hints(Protocol)
     for f in dataclasses.fields(Protocol):  # every protocol setting can be overridden

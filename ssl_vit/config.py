@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .backbone import PRESETS, BackboneConfig
+from .data.subsets import check_fraction
 from .errors import ConfigError
 
 CHOICES = {"precision": ("auto", "no", "bf16", "fp16"), "lr_scaling": ("linear", "sqrt"), "on_nonfinite": ("stop", "skip"),
@@ -51,6 +52,7 @@ class TrainConfig:
     hflip: bool = True
     randaugment: Optional[str] = None  # timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1" (MAE fine-tuning)
     random_erasing: float = 0.0  # probability of timm's RandomErasing (pixel mode, one box; MAE fine-tuning: 0.25)
+    label_fraction: float = 1.0  # objectives trained on labels: this class-balanced fraction of the train split (0.01, 0.1)
     # optimisation
     steps: int = 1000  # optimizer steps; 0 writes the random-init checkpoint
     stop_at: Optional[int] = None  # stop early at this step and write ckpt.pt (the schedule keeps --steps)
@@ -90,6 +92,7 @@ class TrainConfig:
                                   + (" (0: at the end only)" if low == 0 and name.endswith("_every") else ""))
         if not 0.0 <= self.random_erasing <= 1.0:
             raise ConfigError(f"--random-erasing {self.random_erasing}: use a probability in [0, 1]")
+        check_fraction(self.label_fraction)
         if self.stop_at is not None and self.stop_at < 0:
             raise ConfigError(f"--stop-at {self.stop_at}: must be >= 0")
         requested_trackers(self.report_to)

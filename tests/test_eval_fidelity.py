@@ -175,3 +175,33 @@ def test_linear_probe_trains_on_the_label_fraction_and_records_it(tiny_ckpt, tmp
         run_cli(linear_mod.main, args + ["--label-fraction", "1.5"])
     err = capsys.readouterr().err
     assert "error: --label-fraction 1.5: use a fraction in (0, 1]" in err and "Traceback" not in err
+
+
+def test_supervised_training_and_finetuning_train_on_the_label_fraction(tiny_ckpt, tmp_path, capsys):
+    """The Trainer's train split is the class-balanced fraction (the test split whole); eval.finetune
+    records it, and its epochs count over the fraction's images."""
+    from eval import finetune as finetune_mod
+    from ssl_vit.config import parse_run_config
+    from ssl_vit.data import load_data
+    from ssl_vit.objectives.supervised import SupervisedConfig
+    from ssl_vit.train import Trainer, run_recipe
+
+    full = load_data("default")
+    tiny = ["--model", "vit_tiny", "--depth", "1", "--patch-size", "4", "--img-size", "16", "--batch-size", "8",
+            "--num-workers", "0", "--steps", "1"]
+    trainer = Trainer(parse_run_config("supervised", SupervisedConfig, {},
+                                       [*tiny, "--label-fraction", "0.1", "--out", str(tmp_path / "sup")]))
+    trainer.lock.release()
+    counts = torch.bincount(torch.tensor(list(trainer.source.train["label"])))
+    expected = [round(0.1 * int(n)) for n in torch.bincount(torch.tensor(list(full.train["label"])))]
+    assert counts.tolist() == expected and len(trainer.source.test) == len(full.test)
+    out = tmp_path / "ft.json"
+    run_cli(finetune_mod.main, [tiny_ckpt, "--steps", "2", "--batch-size", "8", "--num-workers", "0", "--label-fraction",
+                                "0.1", "--out", str(tmp_path / "runs"), "--json", str(out)])
+    (record,) = json.loads(out.read_text())
+    assert record["label_fraction"] == 0.1 and record["run"].endswith("labels_0_1")
+    assert record["epochs"] == pytest.approx(2 / (sum(expected) // 8))
+    from ssl_vit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--label-fraction 0.1: the mae objective trains without labels"):
+        run_recipe("mae", argv=[*tiny, "--label-fraction", "0.1", "--out", str(tmp_path / "mae")])

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+from datasets import Dataset
 
 from ..errors import ConfigError
+from .sources import DataSource
 
 
 def check_fraction(fraction: float) -> float:
@@ -26,3 +30,13 @@ def class_balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) 
         members = order[labels[order] == c]  # this class's examples, in the seeded order
         chosen.append(members[: max(1, round(fraction * len(members)))])
     return torch.cat(chosen).sort().values
+
+
+def labelled_fraction(source: DataSource, fraction: float, seed: int = 0) -> DataSource:
+    """``source`` with its train split cut to ``class_balanced_subset(fraction, seed)``; the test split whole."""
+    if fraction == 1.0:
+        return source
+    if not isinstance(source.train, Dataset):
+        raise ConfigError(f"--label-fraction {fraction} draws from the whole train split: drop --streaming")
+    keep = class_balanced_subset(torch.tensor(list(source.train[source.label_column])), fraction, seed)
+    return dataclasses.replace(source, train=source.train.select(keep.tolist()))

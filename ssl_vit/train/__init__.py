@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from ..backbone import build_backbone
 from ..checkpoint import init_weights, load_backbone, load_weights, save_checkpoint
 from ..config import RunConfig, requested_trackers
-from ..data import MEAN, STD, DataError, load_data
+from ..data import MEAN, STD, DataError, DataSource, load_data
+from ..data.subsets import labelled_fraction
 from ..errors import ConfigError
 from ..objectives import DataInfo, Objective, StepInfo, get_objective
 from .metrics_log import MetricLog
@@ -68,11 +69,8 @@ class Trainer:
         set_seed(tc.seed)
         if self.acc.is_main_process:
             check_config(self.out, run)  # reads only: nothing is written before every check has passed
-        self.source = load_data(tc.data, tc.image_column, tc.label_column, tc.streaming)
         objective_cls = get_objective(run.objective)
-        if objective_cls.needs_labels and not self.source.has_labels:
-            raise DataError(f"the {run.objective} objective needs labels and {tc.data} has no label column; "
-                            "name it with --label-column, or use a self-supervised recipe")
+        self.source = self._source(objective_cls)
         self.data_info = DataInfo(tc.data, self.source.num_classes, self.source.class_names, MEAN, STD,
                                   run.backbone.img_size)
         self.objective = objective_cls(self._backbone(objective_cls), run.objective_config, self.data_info)
@@ -106,6 +104,18 @@ class Trainer:
         if tc.batch_size % per_step:
             raise ConfigError(f"--batch-size {tc.batch_size} must be divisible by processes x --grad-accum = {per_step}")
         return Shard(acc.process_index, acc.num_processes, tc.batch_size // per_step, acc.device.type == "cuda")
+
+    def _source(self, objective_cls) -> DataSource:
+        """The run's data, checked against what the objective needs; cut to --label-fraction."""
+        run, tc = self.run_cfg, self.run_cfg.train
+        source = load_data(tc.data, tc.image_column, tc.label_column, tc.streaming)
+        if objective_cls.needs_labels and not source.has_labels:
+            raise DataError(f"the {run.objective} objective needs labels and {tc.data} has no label column; "
+                            "name it with --label-column, or use a self-supervised recipe")
+        if tc.label_fraction < 1.0 and not objective_cls.needs_labels:
+            raise ConfigError(f"--label-fraction {tc.label_fraction}: the {run.objective} objective trains without "
+                              "labels, on every image; the fraction is for supervised training and fine-tuning")
+        return labelled_fraction(source, tc.label_fraction, tc.seed)
 
     def _backbone(self, objective_cls):
         """The configured backbone, initialised from --init when given (position embeddings resampled; a

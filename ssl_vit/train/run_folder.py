@@ -35,7 +35,7 @@ def default_out(run: RunConfig) -> str:
 
 
 # Loop settings added after run folders were written -> the value those runs trained with.
-ADDED_TRAIN_SETTINGS = {"clip_grad_mode": "norm", "random_erasing": 0.0}
+ADDED_TRAIN_SETTINGS = {"clip_grad_mode": "norm", "random_erasing": 0.0, "label_fraction": 1.0}
 
 
 def with_added_settings(config: dict) -> dict:

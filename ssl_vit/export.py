@@ -10,7 +10,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("checkpoint")
     parser.add_argument("out")
-    parser.add_argument("--student", action="store_true", help="export a DINO run's student instead of its teacher")
+    parser.add_argument("--student", action="store_true", help="export a DINO or MSN run's student instead of its teacher")
     args = parser.parse_args(argv)
     export_safetensors(args.checkpoint, args.out, student=args.student)
     print(f"wrote {args.out}")

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from timm.optim import create_optimizer_v2
 
-from conftest import free_port, tiny_vit
+from conftest import free_port, tiny_vit, train_step
 from ssl_vit.checkpoint import (export_safetensors, load_backbone, load_checkpoint, objective_state, save_checkpoint,
                                 student_weights)
 from ssl_vit.data import MEAN, STD, MultiCrop, collate
@@ -37,21 +37,6 @@ def fake_crops(batch: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, 3, 16, 16, generator=g) for _ in range(2)] + \
            [torch.randn(batch, 3, 8, 8, generator=g) for _ in range(N_LOCAL)]
-
-
-def train_step(obj: DINO, micro_batches: list[list[torch.Tensor]], opt, info: StepInfo) -> torch.Tensor:
-    """One optimizer step the way the training loop runs it; returns the mean loss."""
-    obj.start_step(info, opt)
-    total = 0.0
-    for crops in micro_batches:
-        loss, _ = obj({"image": crops})
-        (loss / len(micro_batches)).backward()
-        total += loss.detach() / len(micro_batches)
-    obj.before_optimizer_step(info)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    obj.end_step(info)
-    return total
 
 
 def sgd(obj: DINO, wd: float = 0.04) -> torch.optim.Optimizer:
@@ -380,6 +365,15 @@ RECORDED_STEPS = {"losses": [2.656291961669922, 0.05964336171746254, 0.033358782
                   "objective_state": 2576.5022030671307}
 RECORDED_RUN = {"losses": [2.610884666442871, 1.8595181703567505, 1.6911190748214722],
                 "teacher": -30.87711673130198, "objective_state": -228.2332963354906}
+RECORDED_CROPS = 1794.4525192176832  # 8 draws of MultiCrop(32, 16, 2) on a colour-noise image, seed 0
+
+
+def test_multicrop_gives_the_recorded_crops():
+    """DINO's augmentation as it was: the recipe runs on greyscale digits, where saturation and hue do nothing."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    transform = MultiCrop(32, 16, 2)
+    assert checksum([crop for _ in range(8) for crop in transform(image)]) == pytest.approx(RECORDED_CROPS, rel=1e-5)
 
 
 def test_three_steps_give_the_recorded_losses_teacher_and_centre():

@@ -91,6 +91,7 @@ MODELS: dict[str, dict] = {
 PAPER_SETTINGS: dict[str, dict] = {
     "mae": dict(decoder_dim=512, decoder_depth=8, decoder_heads=16),
     "dino": dict(local_crop_size=96, out_dim=65536),
+    "msn": dict(focal_size=96, num_prototypes=1024),
 }
 DEFAULT_BATCH = {"vit_tiny/4@32": 128, "r50_vit_base@224": 128}  # others: 256
 # One thread: on a shared 2-core machine two OpenMP threads per process oversubscribe the cores and

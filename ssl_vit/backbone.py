@@ -156,8 +156,8 @@ class Backbone(nn.Module):
         self.stem_stride = _stem_stride(vit.patch_embed, cfg.in_chans) if self.is_hybrid else 1
         self.pixel_patch_size = self.stem_stride * embed_patch  # pixels per token side
         self.check_img_size(cfg.img_size)
-        # How the position table reaches another grid: "timm" (resample_abs_pos_embed, antialiased) or
-        # "dino" (DINO's interpolate_pos_encoding); an objective's setting, not the architecture's.
+        # How the position table reaches another grid: "timm" (resample_abs_pos_embed, antialiased), "dino"
+        # (DINO's interpolate_pos_encoding) or "msn" (MSN's: DINO's without the +0.1); an objective's setting.
         self.pos_interpolation = "timm"
         if cfg.pos_embed == "sincos":
             self._fix_sincos_pos_embed()
@@ -233,6 +233,8 @@ class Backbone(nn.Module):
         if tuple(grid) != self.base_grid:
             if self.pos_interpolation == "dino":
                 table = dino_interpolate(table, self.base_grid, grid)
+            elif self.pos_interpolation == "msn":
+                table = dino_interpolate(table, self.base_grid, grid, offset=0.0)
             else:
                 table = resample_abs_pos_embed(table, new_size=grid, old_size=self.base_grid, num_prefix_tokens=0)
         return (prefix if n_prefix else None), table
@@ -298,13 +300,14 @@ class Backbone(nn.Module):
         vit.pos_embed.requires_grad_(False)
 
 
-def dino_interpolate(table: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+def dino_interpolate(table: torch.Tensor, old: tuple[int, int], new: tuple[int, int], offset: float = 0.1
+                     ) -> torch.Tensor:
     """[1, h*w, D] -> [1, h'*w', D] as DINO's ``interpolate_pos_encoding``: bicubic with the scale factor
-    (new + 0.1) / old and no antialiasing. Hand-written because timm's ``resample_abs_pos_embed``
-    antialiases when shrinking, which blurs the positions of DINO's small local crops, and no library
-    offers DINO's variant."""
+    (new + offset) / old and no antialiasing (MSN's ``deit.py``: offset 0). Hand-written because timm's
+    ``resample_abs_pos_embed`` antialiases when shrinking, which blurs the positions of DINO's small
+    local crops, and no library offers DINO's variant."""
     grid = rearrange(table, "1 (h w) d -> 1 d h w", h=old[0], w=old[1])
-    scale = ((new[0] + 0.1) / old[0], (new[1] + 0.1) / old[1])  # +0.1: DINO issue 8, no off-by-one size
+    scale = ((new[0] + offset) / old[0], (new[1] + offset) / old[1])  # DINO's +0.1: its issue 8, no off-by-one size
     grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
     assert tuple(grid.shape[-2:]) == tuple(new), (grid.shape, new)
     return rearrange(grid, "1 d h w -> 1 (h w) d")

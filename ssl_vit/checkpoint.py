@@ -4,7 +4,8 @@ A checkpoint holds plain tensors and plain Python values only, so it loads with
 ``torch.load(weights_only=True)``: the backbone's architecture (a ``BackboneConfig`` as a dict),
 its state dict with timm key names, the objective and its config, the step and the data set, and
 under ``objective_state`` the objective's own tensors (heads, decoder, [mask] embedding; for DINO
-the student and the centre) with the objective's parameter names, minus the saved backbone.
+and MSN the student, DINO's centre, MSN's prototypes) with the objective's parameter names, minus the
+saved backbone.
 Files are written atomically (temporary file, then rename): a crash never leaves half a file.
 """
 
@@ -25,7 +26,7 @@ from .errors import UserError
 FORMAT = "ssl_vit"
 VERSION = 2  # 2: objective_state replaces the per-objective keys of version 1 (LEGACY_STATE_KEYS)
 OBJECTIVE_STATE = "objective_state"
-STUDENT_PREFIX = "backbone.vit."  # a DINO student's timm weights inside objective_state
+STUDENT_PREFIX = "backbone.vit."  # a DINO or MSN student's timm weights inside objective_state
 # Version-1 keys -> the prefix their tensors have in the objective's own state dict.
 LEGACY_STATE_KEYS = {"head_state_dict": "head.", "mae_state_dict": "decoder.", "masked_patch_state_dict": "",
                      "student_state_dict": STUDENT_PREFIX}
@@ -179,10 +180,10 @@ def init_weights(backbone: Backbone, source: Backbone) -> dict[str, torch.Tensor
 
 
 def student_weights(ckpt: dict, path: str) -> dict[str, torch.Tensor]:
-    """A DINO checkpoint's student backbone (timm key names); its saved backbone is the teacher."""
+    """A DINO or MSN checkpoint's student backbone (timm key names); its saved backbone is the teacher."""
     weights = {k[len(STUDENT_PREFIX):]: v for k, v in objective_state(ckpt).items() if k.startswith(STUDENT_PREFIX)}
-    if ckpt["objective"] != "dino" or not weights:
-        raise CheckpointError(f"{path} is a {ckpt['objective']} checkpoint: only DINO runs have a student "
+    if not weights:
+        raise CheckpointError(f"{path} is a {ckpt['objective']} checkpoint: only DINO and MSN runs have a student "
                               "besides their backbone; drop --student")
     return weights
 
@@ -196,7 +197,7 @@ def exported_weights(ckpt: dict, path: str, student: bool = False) -> dict[str, 
 def export_safetensors(ckpt_path: str, out_path: str, student: bool = False) -> None:
     """Write the backbone alone as safetensors, loadable by ``timm.create_model(name, pretrained=True,
     pretrained_cfg_overlay=dict(file=out_path), **timm_kwargs)``; both are stored in the metadata.
-    ``student``: a DINO run's student instead of its teacher."""
+    ``student``: a DINO or MSN run's student instead of its teacher."""
     from safetensors.torch import save_file
 
     from .backbone import _timm_kwargs

@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     parser.add_argument("out", help="OUT.safetensors (timm), or a folder (--format hf)")
     parser.add_argument("--format", choices=("timm", "hf"), default="timm",
                         help="timm: safetensors for timm.create_model (default); hf: a transformers ViTModel folder")
-    parser.add_argument("--student", action="store_true", help="export a DINO run's student instead of its teacher")
+    parser.add_argument("--student", action="store_true", help="export a DINO or MSN run's student instead of its teacher")
     parser.add_argument("--eval-json", nargs="+", default=[], metavar="FILE",
                         help="hf: records that eval commands wrote with --json; this checkpoint's go into the card")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="hf: upload the folder to this Hub model repository")

@@ -32,6 +32,22 @@ def tiny_hybrid(**kw):
     return build_backbone(BackboneConfig(**cfg))
 
 
+def train_step(objective, micro_batches: list[list[torch.Tensor]], opt, info) -> torch.Tensor:
+    """One optimizer step of a multi-view objective (DINO, MSN) the way the training loop runs it: its
+    hooks, each micro-batch's views, the update; returns the mean loss."""
+    objective.start_step(info, opt)
+    total = 0.0
+    for views in micro_batches:
+        loss, _ = objective({"image": views})
+        (loss / len(micro_batches)).backward()
+        total += loss.detach() / len(micro_batches)
+    objective.before_optimizer_step(info)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    objective.end_step(info)
+    return total
+
+
 def free_port() -> str:
     """A TCP port on localhost that nothing listens on now (for a launcher's rendezvous)."""
     with socket.socket() as s:

@@ -140,7 +140,7 @@ def test_version_1_checkpoints_still_rebuild_their_objective(tmp_path):
     rebuilt = load_objective(ckpt)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(rebuilt.logits(x), model.eval().logits(x))
-    with pytest.raises(CheckpointError, match="is a supervised checkpoint: only DINO runs have a student"):
+    with pytest.raises(CheckpointError, match="is a supervised checkpoint: only DINO and MSN runs have a student"):
         export_safetensors(path, str(tmp_path / "student.safetensors"), student=True)
     with pytest.raises(CheckpointError, match="is a supervised checkpoint; pass a ckpt.pt written by recipes/mae.py"):
         load_objective(path, expect="mae")

@@ -2,6 +2,7 @@
 collapse warning, checkpoint (teacher) and student export."""
 
 import copy
+import json
 import math
 import os
 
@@ -13,7 +14,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from timm.optim import create_optimizer_v2
 
-from conftest import free_port, tiny_vit
+from conftest import free_port, tiny_vit, train_step
 from ssl_vit.checkpoint import (export_safetensors, load_backbone, load_checkpoint, objective_state, save_checkpoint,
                                 student_weights)
 from ssl_vit.data import MEAN, STD, MultiCrop, collate
@@ -36,21 +37,6 @@ def fake_crops(batch: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, 3, 16, 16, generator=g) for _ in range(2)] + \
            [torch.randn(batch, 3, 8, 8, generator=g) for _ in range(N_LOCAL)]
-
-
-def train_step(obj: DINO, micro_batches: list[list[torch.Tensor]], opt, info: StepInfo) -> torch.Tensor:
-    """One optimizer step the way the training loop runs it; returns the mean loss."""
-    obj.start_step(info, opt)
-    total = 0.0
-    for crops in micro_batches:
-        loss, _ = obj({"image": crops})
-        (loss / len(micro_batches)).backward()
-        total += loss.detach() / len(micro_batches)
-    obj.before_optimizer_step(info)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    obj.end_step(info)
-    return total
 
 
 def sgd(obj: DINO, wd: float = 0.04) -> torch.optim.Optimizer:
@@ -349,3 +335,60 @@ def test_loss_is_computed_in_float32_under_bf16_autocast():
     assert got.item() == pytest.approx(dino.dino_loss(student.bfloat16().float(), teacher.bfloat16().float())[0].item(),
                                        abs=1e-5)
     assert got.item() == pytest.approx(expected.item(), rel=1e-2)
+
+
+# ----- the recorded results: refactors of the shared teacher pieces keep them -----
+def checksum(tensors) -> float:
+    """One number that moves with every element of every tensor (in order): sum_i (i + 1) <t_i, cos(0..n-1)>."""
+    total = torch.zeros((), dtype=torch.float64)
+    for i, t in enumerate(tensors):
+        flat = t.detach().double().flatten()
+        total += (i + 1) * (flat * torch.cos(torch.arange(flat.numel(), dtype=torch.float64))).sum()
+    return total.item()
+
+
+# Recorded at commit c982f6d (before the EMA teacher, heads, schedules and collapse watch moved out of
+# dino.py). A deliberate change of DINO's results updates them; rel 1e-5 leaves room for another CPU's
+# float rounding only (on the recording machine they are equal to the last bit).
+RECORDED_STEPS = {"losses": [2.656291961669922, 0.05964336171746254, 0.03335878252983093],
+                  "teacher": 465.64108955207394, "student": 1982.39153838698, "center": -0.5316463389630357,
+                  "objective_state": 2576.5022030671307}
+RECORDED_RUN = {"losses": [2.610884666442871, 1.8595181703567505, 1.6911190748214722],
+                "teacher": -30.87711673130198, "objective_state": -228.2332963354906}
+RECORDED_CROPS = 1794.4525192176832  # 8 draws of MultiCrop(32, 16, 2) on a colour-noise image, seed 0
+
+
+def test_multicrop_gives_the_recorded_crops():
+    """DINO's augmentation as it was: the recipe runs on greyscale digits, where saturation and hue do nothing."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    transform = MultiCrop(32, 16, 2)
+    assert checksum([crop for _ in range(8) for crop in transform(image)]) == pytest.approx(RECORDED_CROPS, rel=1e-5)
+
+
+def test_three_steps_give_the_recorded_losses_teacher_and_centre():
+    """The schedules (teacher temperature warm-up, momentum, weight decay, last layer frozen for half an
+    epoch) and the EMA updates of three optimizer steps."""
+    torch.manual_seed(0)
+    obj = tiny_dino(freeze_last_layer_epochs=0.5, warmup_teacher_temp_epochs=2, warmup_teacher_temp=0.02,
+                    momentum_teacher=0.9)
+    opt = sgd(obj)
+    losses = [train_step(obj, [fake_crops(4, seed=i)], opt, StepInfo(i, 3, i // 2, 2)).item() for i in range(3)]
+    assert losses == pytest.approx(RECORDED_STEPS["losses"], rel=1e-5)
+    assert checksum(obj._teacher_parameters()) == pytest.approx(RECORDED_STEPS["teacher"], rel=1e-5)
+    assert checksum(obj._student_parameters()) == pytest.approx(RECORDED_STEPS["student"], rel=1e-5)
+    assert checksum([obj.center]) == pytest.approx(RECORDED_STEPS["center"], rel=1e-5)
+    assert checksum(obj.objective_state().values()) == pytest.approx(RECORDED_STEPS["objective_state"], rel=1e-5)
+
+
+def test_a_recipe_run_gives_the_recorded_losses_and_checkpoint(tmp_path):
+    """Through the trainer: multi-crop, AdamW groups, per-parameter clipping, the checkpoint's names."""
+    from ssl_vit.train import run_recipe
+
+    path = run_recipe("dino", argv=[*TINY_RECIPE, "--steps", "3", "--log-every", "1", "--freeze-last-layer-epochs",
+                                    "0.1", "--out", str(tmp_path / "run")])
+    ckpt = load_checkpoint(path)
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert losses == pytest.approx(RECORDED_RUN["losses"], rel=1e-5)
+    assert checksum(ckpt["state_dict"].values()) == pytest.approx(RECORDED_RUN["teacher"], rel=1e-5)
+    assert checksum(objective_state(ckpt).values()) == pytest.approx(RECORDED_RUN["objective_state"], rel=1e-5)

@@ -14,6 +14,11 @@ local 1..N     0.05 - 0.4  0.5       0
 Sizes default to the paper's 224 / 96 px. For 32 px data (CIFAR) use ``SMALL_IMAGE_SIZES``: the
 global crop keeps the full 32 px and the local crop is 16 px, the paper's ratio 96/224 (13.7 px)
 rounded up to the next multiple of the usual 4 px patch, so a local crop is a 4x4 token grid.
+
+MSN's views (``make_transforms`` in facebookresearch/msn) are the same pipeline with other values:
+the target and the random anchor view are the two global crops (scale 0.3 - 1), the focal views
+the local ones (0.05 - 0.3); colour jitter of strength 0.5 (saturation 0.4), blur p = 0.5 on every
+view, no solarization.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ SMALL_IMAGE_SIZES = (32, 16)  # for 32 px images, see the module docstring
 GLOBAL_SCALE = (0.4, 1.0)
 LOCAL_SCALE = (0.05, 0.4)
 BLUR_SIGMA_AT_224 = (0.1, 2.0)  # the paper's blur radius in pixels of a 224 px global crop
+COLOR_JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (applied with p = 0.8)
 BLUR_P = (1.0, 0.1, 0.5)  # global 1, global 2, local
 SOLARIZE_P = 0.2  # second global crop only
 SOLARIZE_THRESHOLD = 128  # PIL's ImageOps.solarize default, as in the official code
@@ -58,6 +64,9 @@ class MultiCrop:
         local_scale: Sequence[float] = LOCAL_SCALE,
         mean: Sequence[float] = MEAN,
         std: Sequence[float] = STD,
+        color_jitter: Sequence[float] = COLOR_JITTER,
+        blur_p: Sequence[float] = BLUR_P,
+        solarize_p: float = SOLARIZE_P,
     ):
         if local_crops_number < 0:
             raise ValueError(f"local_crops_number={local_crops_number}: use 0 or more local crops")
@@ -77,15 +86,15 @@ class MultiCrop:
 
         flip_and_color_jitter = v2.Compose([
             v2.RandomHorizontalFlip(p=0.5),
-            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            v2.RandomApply([v2.ColorJitter(*color_jitter)], p=0.8),
             v2.RandomGrayscale(p=0.2),
             v2.ToImage(),  # PIL above (faster there), uint8 tensor below (blur is faster there)
         ])
         normalize = to_normalized_tensor(mean, std)
-        self.global_1 = v2.Compose([crop(global_size, global_scale), flip_and_color_jitter, blur(BLUR_P[0]), normalize])
-        self.global_2 = v2.Compose([crop(global_size, global_scale), flip_and_color_jitter, blur(BLUR_P[1]),
-                                    v2.RandomSolarize(SOLARIZE_THRESHOLD, p=SOLARIZE_P), normalize])
-        self.local = v2.Compose([crop(local_size, local_scale), flip_and_color_jitter, blur(BLUR_P[2]), normalize])
+        self.global_1 = v2.Compose([crop(global_size, global_scale), flip_and_color_jitter, blur(blur_p[0]), normalize])
+        self.global_2 = v2.Compose([crop(global_size, global_scale), flip_and_color_jitter, blur(blur_p[1]),
+                                    v2.RandomSolarize(SOLARIZE_THRESHOLD, p=solarize_p), normalize])
+        self.local = v2.Compose([crop(local_size, local_scale), flip_and_color_jitter, blur(blur_p[2]), normalize])
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         local = [self.local(image) for _ in range(self.local_crops_number)]

@@ -16,34 +16,31 @@ Collapse watch: every step logs the teacher's output entropy (the paper's: per i
 uniform output, collapse), the entropy of its batch-mean output (0 = every image on the same
 prototype, the other collapse; a per-image entropy near 0 alone is a sharp but healthy teacher),
 KL(teacher || student), the centre's norm and the loss over ln K; ``summary()`` warns when one of
-them sat near 0 or ln K for a sustained stretch.
+them sat near 0 or ln K for a sustained stretch (``collapse.CollapseWatch``). The EMA teacher, its
+momentum and the weight-decay cosine are ``teacher.TeacherObjective``'s, the head ``heads.DINOHead``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from itertools import chain, groupby
+from itertools import groupby
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-from torch.nn.utils.parametrizations import weight_norm
 
 from ..backbone import Backbone
 from ..data import MultiCrop
 from ..data.multicrop import SMALL_IMAGE_SIZES
 from ..errors import ConfigError
-from .base import DataInfo, Objective, StepInfo
+from .base import DataInfo, StepInfo
+from .collapse import COLLAPSE_MARGIN, CollapseWatch, near_ln_k, near_zero
+from .heads import DINOHead
+from .teacher import StepMean, TeacherObjective, teacher_backbone, teacher_copy
 
 NUM_GLOBAL_CROPS = 2  # the teacher's views
-COLLAPSE_MARGIN = 0.02  # an entropy within 2% of ln K from 0 or from ln K counts as collapsed
-COLLAPSE_MIN_STEPS = 5  # a sustained stretch: at least this many steps in a row...
-COLLAPSE_FRACTION = 0.1  # ...and at least this fraction of the steps run
 
 
 @dataclass
@@ -86,45 +83,10 @@ class DINOConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must lie in [0, 1]")
 
 
-def cosine_schedule(start: float, end: float, progress: float) -> float:
-    """``start`` at progress 0, ``end`` at progress 1, half a cosine in between (DINO's
-    ``cosine_scheduler`` for momentum and weight decay; timm's schedulers only drive the lr)."""
-    return end + (start - end) * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0))) / 2.0
-
-
 def view_pairs(num_teacher_views: int, num_student_views: int) -> list[tuple[int, int]]:
     """(teacher view, student view) index pairs of *different* views. Views are numbered the same
     way for both (the global crops first), so a global crop is never compared with itself."""
     return [(t, s) for t in range(num_teacher_views) for s in range(num_student_views) if s != t]
-
-
-class DINOHead(nn.Module):
-    """3-layer MLP (GELU) -> bottleneck -> L2 normalisation -> weight-normed linear layer to K.
-
-    [B, D] -> [B, K]. With ``norm_last_layer`` the weight-norm scale g is fixed at 1, so the
-    outputs are cosine similarities to K unit-norm prototypes.
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 norm_last_layer: bool = True):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, bottleneck_dim),
-        )
-        for layer in self.mlp:
-            if isinstance(layer, nn.Linear):
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
-        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        scale = self.last_layer.parametrizations.weight.original0  # g: [K, 1]
-        with torch.no_grad():
-            scale.fill_(1.0)
-        scale.requires_grad_(not norm_last_layer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
 def multi_crop_forward(backbone: Backbone, head: DINOHead, crops: list[torch.Tensor]) -> torch.Tensor:
@@ -134,16 +96,11 @@ def multi_crop_forward(backbone: Backbone, head: DINOHead, crops: list[torch.Ten
     return head(torch.cat(features)).unflatten(0, (len(crops), -1))
 
 
-def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(x)
-    return x
-
-
-class DINO(Objective):
+class DINO(TeacherObjective):
     """Student = ``self.backbone`` + ``self.head``; teacher = ``self.teacher`` + ``self.teacher_head``."""
 
     Config = DINOConfig
+    teacher_of = (("backbone", "teacher"), ("head", "teacher_head"))
     # The paper's optimisation (AdamW, lr 5e-4 x batch / 256, cosine to 1e-6, weight decay 0.04 -> 0.4,
     # clipping 3.0, drop-path 0.1) on a CPU-sized model; see recipes/dino.py for the choices.
     recipe_defaults = dict(
@@ -164,24 +121,14 @@ class DINO(Objective):
                        bottleneck_dim=cfg.bottleneck_dim, norm_last_layer=cfg.norm_last_layer)
         self.head = DINOHead(**head_kw)
         # The teacher: the same architecture without drop-path, starting from the student's weights.
-        self.teacher = Backbone(dataclasses.replace(backbone.cfg, drop_path_rate=0.0))
-        self.teacher_head = DINOHead(**head_kw)
-        self.teacher.load_state_dict(backbone.state_dict())
-        self.teacher_head.load_state_dict(self.head.state_dict())
+        self.teacher = teacher_backbone(backbone)
+        self.teacher_head = teacher_copy(self.head, lambda: DINOHead(**head_kw))
         backbone.pos_interpolation = self.teacher.pos_interpolation = cfg.pos_interpolation
-        for p in self._teacher_parameters():
-            p.requires_grad_(False)
         self.register_buffer("center", torch.zeros(cfg.out_dim))
         self.ln_k = math.log(cfg.out_dim)
         self.teacher_temp = self.teacher_temperature(0, 1)
-        # Per-step sums over micro-batches. Plain attributes, not buffers: DDP would overwrite
-        # each process's sums with process 0's at every forward (broadcast_buffers).
-        self._teacher_sum: Optional[torch.Tensor] = None  # [K + 1]: summed teacher logits, count
-        self._watch_sum: Optional[torch.Tensor] = None  # [5]: entropy, batch entropy, KL, loss, micro-batches
-        # Collapse watch, on device (no host sync per step): last step's values, streaks.
-        self._last: Optional[torch.Tensor] = None  # [4]: entropy, batch entropy, KL, loss
-        self._streak = self._longest = None  # [2]: steps in a row with batch entropy near 0 / entropy near ln K
-        self._steps_watched = 0
+        self._teacher_mean = StepMean()  # [K]: the step's mean teacher logits, for the centre
+        self.watch = CollapseWatch(self.collapse_signs)  # of [entropy, batch entropy, KL, loss]
 
     @classmethod
     def train_transform(cls, train_cfg, cfg: DINOConfig, data: DataInfo) -> MultiCrop:
@@ -189,22 +136,12 @@ class DINO(Objective):
         return MultiCrop(cfg.global_crop_size or data.img_size, cfg.local_crop_size, cfg.local_crops_number,
                          cfg.global_crop_scale, cfg.local_crop_scale, data.mean, data.std)
 
-    def _student_parameters(self):
-        return chain(self.backbone.parameters(), self.head.parameters())
-
-    def _teacher_parameters(self):
-        return chain(self.teacher.parameters(), self.teacher_head.parameters())
-
     def no_weight_decay(self) -> set[str]:
         """DINO's rule (``utils.get_params_groups``): every parameter with more than one dimension
         decays, the position embedding and class token included."""
         return set()
 
-    # ----- schedules -----
-    def teacher_momentum(self, step: int, total_steps: int) -> float:
-        """EMA momentum after optimizer step ``step``: ``momentum_teacher`` at 0, 1 at ``total_steps``."""
-        return cosine_schedule(self.cfg.momentum_teacher, 1.0, step / max(total_steps, 1))
-
+    # ----- schedules (the teacher's momentum: TeacherObjective.teacher_momentum) -----
     def teacher_temperature(self, step: int, steps_per_epoch: int) -> float:
         """DINO's warm-up (``main_dino.py``), per epoch: the first W epochs take
         ``linspace(warmup_teacher_temp, teacher_temp, W)[epoch]``, later ones ``teacher_temp``."""
@@ -245,78 +182,51 @@ class DINO(Objective):
         # Each teacher view is in the same number of pairs, so mean KL = mean cross-entropy - mean entropy.
         kl = loss.detach() - entropy
         if self.training:
-            watch = torch.stack([entropy, batch_entropy, kl, loss.detach(), torch.ones_like(kl)])
-            self._accumulate(teacher_logits, watch)
+            count = teacher_logits.new_tensor([teacher_logits.shape[:2].numel()], dtype=torch.float32)
+            self._teacher_mean.add(teacher_logits.float().sum((0, 1)), count)
+            self.watch.add(torch.stack([entropy, batch_entropy, kl, loss.detach()]))
         return loss, {"teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy, "teacher_student_kl": kl,
                       "center_norm": self.center.norm(), "loss_over_ln_k": loss.detach() / self.ln_k}
 
-    @torch.no_grad()
-    def _accumulate(self, teacher_logits: torch.Tensor, watch: torch.Tensor) -> None:
-        """Add a micro-batch's teacher outputs [2, B, K] and collapse-watch values to the step's sums."""
-        count = teacher_logits.new_tensor([teacher_logits.shape[:2].numel()], dtype=torch.float32)
-        part = torch.cat([teacher_logits.float().sum((0, 1)), count])
-        self._teacher_sum = part if self._teacher_sum is None else self._teacher_sum + part
-        self._watch_sum = watch if self._watch_sum is None else self._watch_sum + watch
+    def collapse_signs(self, watched: torch.Tensor) -> torch.Tensor:
+        """[entropy, batch entropy, KL, loss] -> [batch entropy near 0, entropy near ln K]."""
+        return torch.stack([near_zero(watched[1], self.ln_k), near_ln_k(watched[0], self.ln_k)])
 
     # ----- hooks -----
     def start_step(self, info: StepInfo, optimizer: torch.optim.Optimizer) -> None:
         """Weight decay on its cosine (groups that decay at all), the teacher temperature; drop
         sums left by a step the loop skipped (non-finite loss)."""
-        self._teacher_sum = self._watch_sum = None
-        progress = info.step / max(info.total_steps, 1)
-        decaying = 0
-        for group in optimizer.param_groups:
-            base = group.setdefault("initial_weight_decay", group["weight_decay"])
-            if base > 0:
-                group["weight_decay"] = cosine_schedule(base, self.cfg.weight_decay_end, progress)
-                decaying += 1
-        if not decaying and self.cfg.weight_decay_end > 0:
-            raise ValueError(f"--weight-decay 0 leaves no parameter group to take --weight-decay-end "
-                             f"{self.cfg.weight_decay_end}; pass --weight-decay-end 0 too, "
-                             "or a positive --weight-decay")
+        self._teacher_mean.reset()
+        self.watch.start_step()
+        self.schedule_weight_decay(optimizer, info.step / max(info.total_steps, 1))
         self.teacher_temp = self.teacher_temperature(info.step, info.steps_per_epoch)
 
     def before_optimizer_step(self, info: StepInfo) -> None:
         """Freeze the last layer in the first epoch(s): drop its gradients (as DINO does; toggling
         requires_grad would break DDP), so AdamW leaves it, and its weight decay, alone."""
         if info.step < self.cfg.freeze_last_layer_epochs * info.steps_per_epoch:
-            for p in self.head.last_layer.parameters():
-                p.grad = None
+            self.head.freeze_last_layer()
 
     @torch.no_grad()
     def end_step(self, info: StepInfo) -> None:
         """Once per optimizer step: centre EMA over the step's teacher outputs (all processes and
         micro-batches), teacher EMA of the student, collapse watch."""
-        if self._teacher_sum is None:  # no training forward in this step
+        if self._teacher_mean.empty:  # no training forward in this step
             return
-        total = _all_reduce_sum(self._teacher_sum)
-        batch_center = total[:-1] / total[-1]
+        batch_center = self._teacher_mean.pop(over_processes=True)
         self.center.mul_(self.cfg.center_momentum).add_(batch_center, alpha=1.0 - self.cfg.center_momentum)
-        m = self.teacher_momentum(info.step, info.total_steps)
-        # t = m * t + (1 - m) * s over all parameters at once (one kernel per group on a GPU, not one each)
-        torch._foreach_lerp_(list(self._teacher_parameters()), [s.detach() for s in self._student_parameters()], 1.0 - m)
-        self._watch(self._watch_sum[:-1] / self._watch_sum[-1])
-        self._teacher_sum = self._watch_sum = None
-
-    def _watch(self, last: torch.Tensor) -> None:
-        """last = [entropy, batch entropy, KL, loss] of this step; extend or reset the streaks."""
-        entropy, batch_entropy = last[0], last[1]
-        near = torch.stack([batch_entropy < COLLAPSE_MARGIN * self.ln_k, entropy > (1 - COLLAPSE_MARGIN) * self.ln_k])
-        self._streak = near.float() if self._streak is None else (self._streak + 1) * near
-        self._longest = self._streak.clone() if self._longest is None else torch.maximum(self._longest, self._streak)
-        self._last = last
-        self._steps_watched += 1
+        self.update_teacher(info.step, info.total_steps)
+        self.watch.end_step()
 
     def summary(self) -> list[str]:
-        if self._last is None:
+        if self.watch.last is None:
             return []
-        entropy, batch_entropy, kl, loss = self._last.tolist()
-        low, high = self._longest.tolist()
+        entropy, batch_entropy, kl, loss = self.watch.last.tolist()
+        low, high = self.watch.sustained()
         lines = [f"DINO end state: teacher entropy {entropy:.3f} nats per image (collapse: ln K = {self.ln_k:.3f}), "
                  f"{batch_entropy:.3f} over the batch (collapse: 0), KL(teacher || student) {kl:.4f}, "
                  f"centre norm {self.center.norm().item():.3f}, loss {loss:.4f} (ln K = {self.ln_k:.3f})"]
-        sustained = max(COLLAPSE_MIN_STEPS, math.ceil(COLLAPSE_FRACTION * self._steps_watched))
-        if low >= sustained:
+        if low is not None:
             lines.append(
                 f"WARNING: DINO looks collapsed: the entropy of the teacher's batch-mean output stayed below "
                 f"{COLLAPSE_MARGIN * self.ln_k:.3f} nats (one prototype wins for every image) for {low:.0f} "
@@ -324,7 +234,7 @@ class DINO(Objective):
                 f"(--warmup-teacher-temp-epochs), make the centre follow faster (lower --center-momentum), "
                 f"raise --momentum-teacher (e.g. 0.9995 at batch 256), use a larger --batch-size "
                 f"(--grad-accum), or lower --lr.")
-        if high >= sustained:
+        if high is not None:
             lines.append(
                 f"WARNING: DINO looks collapsed: the teacher's output entropy stayed above "
                 f"{(1 - COLLAPSE_MARGIN) * self.ln_k:.3f} nats, near ln K (a uniform output for every image), "
@@ -332,8 +242,3 @@ class DINO(Objective):
                 f"paper's), raise --momentum-teacher (e.g. 0.9995 at batch 256) so the teacher does not chase "
                 f"the student, use a larger --batch-size (--grad-accum), or lower --lr.")
         return lines
-
-    # ----- what is saved -----
-    def export_backbone(self) -> Backbone:
-        """The teacher: DINO evaluates (kNN, linear) the teacher's features."""
-        return self.teacher

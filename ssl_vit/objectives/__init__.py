@@ -19,6 +19,7 @@ OBJECTIVES: dict[str, str] = {
     "masked_patch": "ssl_vit.objectives.masked_patch:MaskedPatchPrediction",
     "mae": "ssl_vit.objectives.mae:MAE",
     "dino": "ssl_vit.objectives.dino:DINO",
+    "distill": "ssl_vit.objectives.distill:Distill",
 }
 
 

@@ -18,7 +18,7 @@ from ssl_vit.data import MEAN, STD, EpochSampler, ImageDataset, load_data, make_
 from ssl_vit.errors import run_cli
 from ssl_vit.objectives import DataInfo, StepInfo, get_objective, load_objective
 from ssl_vit.objectives.distill import Distill, DistillConfig
-from ssl_vit.objectives.teacher import FrozenTeacher
+from ssl_vit.objectives.frozen_teacher import FrozenTeacher
 from ssl_vit.train import run_recipe
 from ssl_vit.train.optim import build_optimizer
 from test_train import assert_same_weights
@@ -408,7 +408,7 @@ def test_teachers_that_cannot_teach_are_refused_in_one_line(tmp_path, teacher_ck
 
 
 def test_pretrained_weights_that_cannot_be_fetched_are_one_line():
-    from ssl_vit.objectives.teacher import TeacherError, _download
+    from ssl_vit.objectives.frozen_teacher import TeacherError, _download
 
     with pytest.raises(TeacherError, match="timm could not fetch its pretrained weights .*--teacher-weights FILE"):
         _download("resnet10t")  # HF_HUB_OFFLINE (conftest): the hub refuses to download

@@ -15,7 +15,7 @@ distillation head learns the teacher's predictions on the same (mixed) images (D
 loss = (1 - alpha) x class loss + alpha x distillation loss (alpha 0.5: hard distillation's 1/2 + 1/2).
 At test time the prediction is the mean of the two heads' logits (``DistilledVisionTransformer`` in
 eval mode), and the backbone's representation the mean of the two tokens. The teacher
-(``ssl_vit.objectives.teacher``) is not saved in ``ckpt.pt``; its spec is in the config.
+(``ssl_vit.objectives.frozen_teacher``) is not saved in ``ckpt.pt``; its spec is in the config.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .base import DataInfo
 from .supervised import Supervised, SupervisedConfig, class_head
-from .teacher import FrozenTeacher, load_teacher
+from .frozen_teacher import FrozenTeacher, load_teacher
 
 DISTILLATION_TYPES = ("hard", "soft", "none")
 

@@ -128,10 +128,12 @@ def dino_layout(embed_dim: int, n_last_blocks: Optional[int] = None,
 def dino_features(backbone: Backbone, images: torch.Tensor, n_last_blocks: int,
                   avgpool_patchtokens: bool) -> torch.Tensor:
     """[B, C, H, W] -> [B, (n + avgpool) x D]: the class tokens of the last n blocks, each after the
-    final norm (DINO's ``get_intermediate_layers``), then the mean of the last block's normed patch tokens."""
+    final norm (DINO's ``get_intermediate_layers``), then the mean of the last block's normed patch tokens.
+    With a distillation token each block gives the mean of its class and distillation tokens, as the
+    backbone's representation does (DeiT)."""
     layers = backbone.vit.forward_intermediates(images, indices=n_last_blocks, norm=True, return_prefix_tokens=True,
                                                 output_fmt="NLC", intermediates_only=True)  # [(patches, prefix)]
-    parts = [prefix[:, 0] for _, prefix in layers]  # [B, D] each
+    parts = [backbone.pooled_prefix(prefix) for _, prefix in layers]  # [B, D] each
     if avgpool_patchtokens:
         parts.append(layers[-1][0].mean(dim=1))
     return torch.cat(parts, dim=-1)

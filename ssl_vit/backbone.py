@@ -6,8 +6,11 @@ contract the objectives need, in the order the forward pass runs:
 1. ``embed(images)``: patch embeddings ``[B, N, D]`` without position embeddings (for a hybrid
    the convolution stem runs here), so an objective can replace chosen embeddings;
 2. ``encode(tokens, grid, keep=None)``: add (resampled) position embeddings, optionally keep
-   only a subset of patch tokens, prepend the class token, run the blocks and the final norm;
-3. ``pool(features)``: the representation (class token, or mean of patch tokens).
+   only a subset of patch tokens, prepend the prefix tokens (class token first, then DeiT's
+   distillation token or register tokens, as timm places them), run the blocks and the final norm;
+3. ``pool(features)``: the representation (class token, or mean of patch tokens; with a
+   distillation token the mean of the class and distillation tokens, DeiT's test-time choice);
+   ``class_token``, ``distillation_token`` and ``patch_tokens`` read the other outputs.
 
 For hybrids, masked objectives must hide patches before the stem (``blank_patches``): the
 convolutions see neighbouring pixels, so masking after the stem would leak masked content.
@@ -36,15 +39,16 @@ class Preset:
     timm_name: str
     patch_size: int  # on the image for a ViT, on the CNN feature map for a hybrid
     hybrid: bool = False
+    distilled: Optional[str] = None  # timm's DeiT model of the same shape with a distillation token
 
 
 # Our preset names -> timm models. ``r_vit_tiny`` embeds the ResNet root's stride-4 map with
 # 4x4 patches, so its total stride is 16 as the paper's name "R+ViT-Ti/16" says (timm's own
 # ``vit_tiny_r_s16_p8_224`` uses 8x8 patches, total stride 32: pass ``--patch-size 8`` for it).
 PRESETS: dict[str, Preset] = {
-    "vit_tiny": Preset("vit_tiny_patch16_224", 16),
-    "vit_small": Preset("vit_small_patch16_224", 16),
-    "vit_base": Preset("vit_base_patch16_224", 16),
+    "vit_tiny": Preset("vit_tiny_patch16_224", 16, distilled="deit_tiny_distilled_patch16_224"),
+    "vit_small": Preset("vit_small_patch16_224", 16, distilled="deit_small_distilled_patch16_224"),
+    "vit_base": Preset("vit_base_patch16_224", 16, distilled="deit_base_distilled_patch16_224"),
     "vit_large": Preset("vit_large_patch16_224", 16),
     "vit_huge": Preset("vit_huge_patch14_224", 14),
     "r50_vit_base": Preset("vit_base_r50_s16_224", 1, hybrid=True),
@@ -70,6 +74,9 @@ class BackboneConfig:
     # MAE). True: timm's default for "avg", unnormalised tokens and a norm after averaging (checkpoints
     # written before this setting existed: see checkpoint.upgrade_arch).
     fc_norm: bool = False
+    # DeiT's distillation token after the class token (timm's VisionTransformerDistilled; presets vit_tiny,
+    # vit_small, vit_base); checkpoints written before this setting existed have none.
+    distillation_token: bool = False
     pos_embed: str = "learned"  # "learned", or "sincos": fixed 2-D sin-cos (MAE)
     drop_path_rate: float = 0.0
     in_chans: int = 3
@@ -77,6 +84,10 @@ class BackboneConfig:
     def __post_init__(self):
         if self.global_pool not in ("token", "avg"):
             raise BackboneError(f"--global-pool {self.global_pool!r}: use 'token' or 'avg'")
+        if self.distillation_token and self.global_pool != "token":
+            raise BackboneError(f"--distillation-token with --global-pool {self.global_pool}: the representation "
+                                "of a distilled ViT is the mean of its class and distillation tokens; use "
+                                "--global-pool token")
         if self.pos_embed not in ("learned", "sincos"):
             raise BackboneError(f"--pos-embed {self.pos_embed!r}: use 'learned' or 'sincos'")
         if not 0.0 <= self.drop_path_rate < 1.0:
@@ -98,7 +109,7 @@ def _timm_kwargs(cfg: BackboneConfig) -> tuple[str, dict]:
     if cfg.model in PRESETS:
         preset = PRESETS[cfg.model]
         kwargs["patch_size"] = cfg.patch_size or preset.patch_size
-        return preset.timm_name, kwargs
+        return _preset_timm_name(cfg.model, cfg.distillation_token), kwargs
     if cfg.model in timm.list_models():
         if cfg.patch_size is not None:
             kwargs["patch_size"] = cfg.patch_size
@@ -107,6 +118,18 @@ def _timm_kwargs(cfg: BackboneConfig) -> tuple[str, dict]:
         f"unknown model {cfg.model!r}: use a preset ({', '.join(PRESETS)}) "
         "or a timm ViT name (see timm.list_models('vit_*'))"
     )
+
+
+def _preset_timm_name(model: str, distillation_token: bool) -> str:
+    """The timm model of a preset, with a distillation token: timm's DeiT of the same shape."""
+    preset = PRESETS[model]
+    if not distillation_token:
+        return preset.timm_name
+    if preset.distilled is None:
+        distilled = ", ".join(name for name, p in PRESETS.items() if p.distilled)
+        raise BackboneError(f"--distillation-token: timm has no distilled {model} (DeiT distilled {distilled}); "
+                            "use one of those presets or drop --distillation-token")
+    return preset.distilled
 
 
 def token_width(cfg: BackboneConfig) -> int:
@@ -151,6 +174,7 @@ class Backbone(nn.Module):
         if not isinstance(vit, VisionTransformer):
             raise BackboneError(f"{cfg.model!r} is a {type(vit).__name__}, not a timm VisionTransformer")
         self.vit = vit
+        self._check_prefix_tokens(name)
         self.is_hybrid = hasattr(vit.patch_embed, "backbone")
         embed_patch = vit.patch_embed.patch_size[0]
         self.stem_stride = _stem_stride(vit.patch_embed, cfg.in_chans) if self.is_hybrid else 1
@@ -173,6 +197,21 @@ class Backbone(nn.Module):
             stem_stride = _stem_stride(probe.patch_embed, self.cfg.in_chans)
             _check_divisible(self.cfg.model, self.cfg.img_size, stem_stride, probe.patch_embed.patch_size[0])
 
+    def _check_prefix_tokens(self, name: str) -> None:
+        """Refuse a model whose prefix tokens ``encode`` cannot place as timm does (a class token, then a
+        distillation token or register tokens), and --distillation-token on a timm model without one."""
+        vit = self.vit
+        dist = getattr(vit, "dist_token", None)
+        if self.cfg.distillation_token and dist is None:
+            raise BackboneError(f"--distillation-token: timm's {name} has no distillation token; use a preset "
+                                "(vit_tiny, vit_small, vit_base) or a distilled timm ViT such as "
+                                "deit_tiny_distilled_patch16_224")
+        placed = sum(t.shape[1] for t in (vit.cls_token, dist, vit.reg_token) if t is not None)
+        if placed != vit.num_prefix_tokens or (dist is not None and vit.reg_token is not None):
+            raise BackboneError(f"{name} has {vit.num_prefix_tokens} prefix tokens that the token contract cannot "
+                                "place (it places a class token, then a distillation token or register tokens, as "
+                                "timm does); use a preset or a timm ViT without other prefix tokens")
+
     # ----- geometry -----
     @property
     def embed_dim(self) -> int:
@@ -181,6 +220,10 @@ class Backbone(nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         return self.vit.num_prefix_tokens
+
+    @property
+    def has_distillation_token(self) -> bool:
+        return getattr(self.vit, "dist_token", None) is not None
 
     @property
     def base_grid(self) -> tuple[int, int]:
@@ -246,7 +289,8 @@ class Backbone(nn.Module):
 
         tokens: [B, N, D] from ``embed`` (possibly with some embeddings replaced);
         keep: optional [B, K] indices of the patch tokens to encode (MAE encodes visible ones only).
-        Returns [B, P + K, D]: P prefix tokens (class token first), then the kept patch tokens.
+        Returns [B, P + K, D]: P prefix tokens (class token first, then the distillation token or the
+        register tokens), then the kept patch tokens.
         """
         vit = self.vit
         prefix_pos, patch_pos = self.position_embedding(grid)
@@ -256,6 +300,8 @@ class Backbone(nn.Module):
         prefix = []
         if vit.cls_token is not None:
             prefix.append(vit.cls_token.expand(x.shape[0], -1, -1))
+        if self.has_distillation_token:
+            prefix.append(vit.dist_token.expand(x.shape[0], -1, -1))
         if vit.reg_token is not None:
             prefix.append(vit.reg_token.expand(x.shape[0], -1, -1))
         if prefix:
@@ -275,8 +321,24 @@ class Backbone(nn.Module):
         return self.encode(self.embed(images), self.grid_size(images))
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
-        """[B, P + N, D] -> [B, D]: the representation (class token or mean of patch tokens)."""
+        """[B, P + N, D] -> [B, D]: the representation (class token, or the mean of the class and
+        distillation tokens, or the mean of patch tokens): timm's ``forward_head`` before the head."""
         return self.vit.forward_head(features, pre_logits=True)
+
+    def pooled_prefix(self, prefix: torch.Tensor) -> torch.Tensor:
+        """[B, P, D] prefix tokens (e.g. of an intermediate block) -> [B, D], as token pooling reads them:
+        the class token, or with a distillation token the mean of the two."""
+        return prefix[:, :2].mean(dim=1) if self.has_distillation_token else prefix[:, 0]
+
+    def class_token(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, P + N, D] -> [B, D]."""
+        assert self.vit.cls_token is not None, "this backbone has no class token"
+        return features[:, 0]
+
+    def distillation_token(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, P + N, D] -> [B, D]: the output of DeiT's distillation token (after the class token)."""
+        assert self.has_distillation_token, "this backbone has no distillation token"
+        return features[:, 1]
 
     def patch_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """[B, P + N, D] -> [B, N, D]."""

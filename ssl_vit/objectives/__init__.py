@@ -20,6 +20,7 @@ OBJECTIVES: dict[str, str] = {
     "mae": "ssl_vit.objectives.mae:MAE",
     "dino": "ssl_vit.objectives.dino:DINO",
     "msn": "ssl_vit.objectives.msn:MSN",
+    "distill": "ssl_vit.objectives.distill:Distill",
 }
 
 

@@ -68,6 +68,10 @@ class Objective(nn.Module):
         raise NotImplementedError
 
     # ----- hooks, all optional -----
+    def prepare_training(self) -> None:
+        """Before training, before the run folder is written: load what training needs and ``ckpt.pt``
+        does not hold (DeiT's frozen teacher). ``load_objective`` does not call it."""
+
     def start_step(self, info: StepInfo, optimizer: torch.optim.Optimizer) -> None:
         """Before the step's forward passes (schedules of weight decay, temperatures)."""
 

@@ -34,6 +34,24 @@ class SupervisedConfig:
             raise ConfigError(f"--zero-head and --head-init-std {self.head_init_std}: choose one head initialisation")
 
 
+def class_head(width: int, cfg: SupervisedConfig, num_classes: int) -> nn.Sequential:
+    """[B, width] -> [B, num_classes]: a linear layer (after the paper's pre-logits layer with ``head_hidden``),
+    initialised as ``cfg`` says (timm's default, zero, or MAE's tiny truncated normal)."""
+    layers: list[nn.Module] = []
+    if cfg.head_hidden:
+        layers += [nn.Linear(width, cfg.head_hidden), nn.Tanh()]
+        width = cfg.head_hidden
+    layers.append(nn.Linear(width, num_classes))
+    last = layers[-1]
+    if cfg.head_init_std > 0:  # MAE's fine-tuning head: tiny random weights
+        nn.init.trunc_normal_(last.weight, std=cfg.head_init_std)
+        nn.init.zeros_(last.bias)
+    elif cfg.zero_head:
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    return nn.Sequential(*layers)
+
+
 class Supervised(Objective):
     Config = SupervisedConfig
     needs_labels = True
@@ -53,20 +71,7 @@ class Supervised(Objective):
         if data.num_classes < 2:
             raise DataError(f"{data.name} has a single class: supervised training would reach loss 0 and learn "
                              "nothing; use data with at least 2 classes, or a self-supervised recipe")
-        width = backbone.embed_dim
-        layers: list[nn.Module] = []
-        if cfg.head_hidden:
-            layers += [nn.Linear(width, cfg.head_hidden), nn.Tanh()]
-            width = cfg.head_hidden
-        layers.append(nn.Linear(width, data.num_classes))
-        self.head = nn.Sequential(*layers)
-        last = self.head[-1]
-        if cfg.head_init_std > 0:  # MAE's fine-tuning head: tiny random weights
-            nn.init.trunc_normal_(last.weight, std=cfg.head_init_std)
-            nn.init.zeros_(last.bias)
-        elif cfg.zero_head:
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
+        self.head = class_head(backbone.embed_dim, cfg, data.num_classes)
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
@@ -80,16 +85,24 @@ class Supervised(Objective):
         """timm's Mixup/CutMix: mixed images [B, C, H, W] and soft targets [B, classes]."""
         return self.mixup(images, labels)
 
-    def forward(self, batch):
-        images, labels = batch["image"], batch["label"]
+    def mixed(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training images and their targets: with Mixup/CutMix the mixed images and soft targets
+        [B, classes] (smoothed inside), else the images and the labels [B]."""
         if self.mixup is not None and len(images) % 2 == 0:  # timm's Mixup pairs the batch
-            images, soft = self.mix(images, labels)
-            logits = self.logits(images)
-            loss = SoftTargetCrossEntropy()(logits, soft)
-        else:
-            logits = self.logits(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
-        accuracy = (logits.argmax(-1) == labels).float().mean()
+            return self.mix(images, labels)
+        return images, labels
+
+    def class_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of [B, classes] logits against ``mixed``'s targets (soft, or labels with smoothing)."""
+        if targets.ndim == 2:
+            return SoftTargetCrossEntropy()(logits, targets)
+        return F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
+
+    def forward(self, batch):
+        images, targets = self.mixed(batch["image"], batch["label"])
+        logits = self.logits(images)
+        loss = self.class_loss(logits, targets)
+        accuracy = (logits.argmax(-1) == batch["label"]).float().mean()
         return loss, {"accuracy": accuracy.detach()}
 
     @torch.no_grad()

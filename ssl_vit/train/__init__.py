@@ -74,6 +74,7 @@ class Trainer:
         self.data_info = DataInfo(tc.data, self.source.num_classes, self.source.class_names, MEAN, STD,
                                   run.backbone.img_size)
         self.objective = objective_cls(self._backbone(objective_cls), run.objective_config, self.data_info)
+        self.objective.prepare_training()
         transform = objective_cls.train_transform(tc, run.objective_config, self.data_info)
         self.data = DataPipeline(run, self.source, objective_cls, transform, shard)
         self.steps_per_epoch = self.data.steps_per_epoch

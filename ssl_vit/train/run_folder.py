@@ -36,12 +36,14 @@ def default_out(run: RunConfig) -> str:
 
 # Loop settings added after run folders were written -> the value those runs trained with.
 ADDED_TRAIN_SETTINGS = {"clip_grad_mode": "norm", "random_erasing": 0.0, "label_fraction": 1.0}
+ADDED_BACKBONE_SETTINGS = {"distillation_token": False}
 
 
 def with_added_settings(config: dict) -> dict:
     """An older config.json, completed with the settings added since at the values it ran with."""
     added = ADDED_OBJECTIVE_SETTINGS.get(config.get("objective"), {})
     return {**config, "train": {**ADDED_TRAIN_SETTINGS, **config.get("train", {})},
+            "backbone": {**ADDED_BACKBONE_SETTINGS, **config.get("backbone", {})},
             "objective_config": {**added, **config.get("objective_config", {})}}
 
 

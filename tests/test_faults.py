@@ -380,7 +380,7 @@ def test_a_streamed_local_parquet_with_integer_labels_has_its_classes(tmp_path):
 
 @pytest.mark.parametrize("command, message", [
     (["recipes/supervised.py", "--steps", "-1"], "error: --steps -1: must be >= 0"),
-    (["-m", "ssl_vit.export", "{ckpt}", "{tmp}/x.safetensors", "--student"], "only DINO runs have a student"),
+    (["-m", "ssl_vit.export", "{ckpt}", "{tmp}/x.safetensors", "--student"], "only DINO and MSN runs have a student"),
     (["-m", "eval.inspection", "{tmp}/missing.pt", "--out", "{tmp}/inspect"], "missing.pt does not exist"),
     (["-m", "ssl_vit.viz.curves", "{tmp}/no-run"], "no-run does not exist: pass a run folder"),
 ])

@@ -130,7 +130,7 @@ def test_teacher_sees_only_global_crops_and_student_all():
     obj({"image": fake_crops(3)})
     assert seen["teacher"] == [(6, 3, 16, 16)]  # the 2 global crops of 3 images, in one pass
     assert seen["student"] == [(6, 3, 16, 16), (3 * N_LOCAL, 3, 8, 8)]
-    with pytest.raises(ValueError, match="DINO needs 2 global \\+ 2 local crops per image .*, got 3 crops"):
+    with pytest.raises(ValueError, match="DINO needs 2 global \\+ 2 local crops per image .*, got 3 views"):
         obj({"image": fake_crops(3)[:3]})
 
 

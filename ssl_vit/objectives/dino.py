@@ -38,7 +38,7 @@ from ..errors import ConfigError
 from .base import DataInfo, StepInfo
 from .collapse import COLLAPSE_MARGIN, CollapseWatch, near_ln_k, near_zero
 from .heads import DINOHead
-from .teacher import StepMean, TeacherObjective, teacher_backbone, teacher_copy
+from .teacher import StepMean, TeacherObjective, batch_views, teacher_backbone, teacher_copy
 
 NUM_GLOBAL_CROPS = 2  # the teacher's views
 
@@ -170,11 +170,9 @@ class DINO(TeacherObjective):
         return loss, entropy, batch_entropy
 
     def forward(self, batch):
-        crops = batch["image"]
-        if not isinstance(crops, (list, tuple)) or len(crops) != NUM_GLOBAL_CROPS + self.cfg.local_crops_number:
-            got = f"{len(crops)} crops" if isinstance(crops, (list, tuple)) else "one tensor"
-            raise ValueError(f"DINO needs {NUM_GLOBAL_CROPS} global + {self.cfg.local_crops_number} local crops "
-                             f"per image (DINO.train_transform), got {got}")
+        crops = batch_views(batch, NUM_GLOBAL_CROPS + self.cfg.local_crops_number,
+                            f"DINO needs {NUM_GLOBAL_CROPS} global + {self.cfg.local_crops_number} local crops per "
+                            "image (DINO.train_transform)")
         with torch.no_grad():
             teacher_logits = multi_crop_forward(self.teacher, self.teacher_head, list(crops[:NUM_GLOBAL_CROPS]))
         student_logits = multi_crop_forward(self.backbone, self.head, list(crops))

@@ -51,8 +51,8 @@ from ..masking import Masking, random_masking
 from .base import DataInfo, StepInfo
 from .collapse import COLLAPSE_MARGIN, CollapseWatch, near_ln_k, near_zero
 from .heads import cosine_prototypes, projection_mlp
-from .teacher import (TeacherObjective, all_reduce_mean, all_reduce_sum, distributed, linear_schedule,
-                      teacher_backbone, teacher_copy)
+from .teacher import (TeacherObjective, all_reduce_mean, all_reduce_sum, batch_views, distributed,
+                      linear_schedule, teacher_backbone, teacher_copy)
 
 NUM_RANDOM_VIEWS = 2  # the target view and the random anchor view
 SINKHORN_ITERATIONS = 3  # losses.distributed_sinkhorn
@@ -239,11 +239,9 @@ class MSN(TeacherObjective):
                       "prototype_usage_entropy": torch.special.entr(target_probs.mean(0)).sum()}
 
     def forward(self, batch):
-        views = batch["image"]
-        if not isinstance(views, (list, tuple)) or len(views) != NUM_RANDOM_VIEWS + self.cfg.focal_views:
-            got = f"{len(views)} views" if isinstance(views, (list, tuple)) else "one tensor"
-            raise ValueError(f"MSN needs a target, a random anchor and {self.cfg.focal_views} focal views per "
-                             f"image (MSN.train_transform), got {got}")
+        views = batch_views(batch, NUM_RANDOM_VIEWS + self.cfg.focal_views,
+                            f"MSN needs a target, a random anchor and {self.cfg.focal_views} focal views per image "
+                            "(MSN.train_transform)")
         with torch.no_grad():
             targets = self.teacher_head(self.teacher(views[0]))  # [B, d]
         anchors = self.anchor_embeddings(views[1], list(views[NUM_RANDOM_VIEWS:]))

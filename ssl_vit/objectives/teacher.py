@@ -88,6 +88,16 @@ class StepMean:
         return total[:-1] / total[-1]
 
 
+def batch_views(batch: dict, expected: int, needs: str) -> list[torch.Tensor]:
+    """The views of a multi-view batch (each [B, C, h, w]), or a clear error naming what the objective
+    ``needs`` when the data did not come through its ``train_transform``."""
+    views = batch["image"]
+    if not isinstance(views, (list, tuple)) or len(views) != expected:
+        got = f"{len(views)} views" if isinstance(views, (list, tuple)) else "one tensor"
+        raise ValueError(f"{needs}, got {got}")
+    return list(views)
+
+
 def teacher_copy(student: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
     """``build()`` with the student's weights, frozen: the teacher's start."""
     teacher = build()

@@ -32,6 +32,18 @@ def tiny_hybrid(**kw):
     return build_backbone(BackboneConfig(**cfg))
 
 
+def fit(objective, batch: dict, optimizer, steps: int) -> tuple[list[float], dict]:
+    """``steps`` updates of plain backpropagation on one fixed batch: each step's loss and the last metrics."""
+    losses, metrics = [], {}
+    for _ in range(steps):
+        loss, metrics = objective(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, metrics
+
+
 def train_step(objective, micro_batches: list[list[torch.Tensor]], opt, info) -> torch.Tensor:
     """One optimizer step of a multi-view objective (DINO, MSN) the way the training loop runs it: its
     hooks, each micro-batch's views, the update; returns the mean loss."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import small_digits, tiny_vit
+from conftest import fit, small_digits, tiny_vit
 from ssl_vit.backbone import BackboneConfig, BackboneError, build_backbone
 from ssl_vit.checkpoint import export_safetensors, load_backbone, load_checkpoint, objective_state, save_checkpoint
 from ssl_vit.config import parse_run_config
@@ -286,11 +286,7 @@ def test_the_teacher_gets_no_gradient_does_not_change_and_moves_with_the_student
     optimizer = torch.optim.SGD(objective.parameters(), lr=0.1)
     assert not {id(p) for p in teacher.parameters()} & {id(p) for p in objective.parameters()}
     objective.train()
-    for _ in range(2):
-        loss, _ = objective(_batch(8))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit(objective, _batch(8), optimizer, 2)
     assert not teacher.training and all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -330,14 +326,7 @@ def test_the_teacher_sees_its_own_input_size_and_normalisation():
 def test_loss_goes_down_on_a_fixed_batch(teacher_ckpt):
     objective = _objective(teacher_ckpt, _data_info(teacher_ckpt))
     batch = _batch(16)
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(20):
-        loss, _ = objective(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses, _ = fit(objective, batch, torch.optim.AdamW(objective.parameters(), lr=1e-3), 20)
     assert losses[-1] < 0.5 * losses[0]
 
 

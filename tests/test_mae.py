@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_hybrid, tiny_vit
+from conftest import fit, tiny_hybrid, tiny_vit
 from ssl_vit.checkpoint import load_checkpoint, save_checkpoint
 from ssl_vit.data import MEAN, STD
 from ssl_vit.masking import random_masking
@@ -131,11 +131,7 @@ def train_on_fixed_images(cls, steps: int = 160) -> float:
     mae = cls(tiny_vit(pos_embed="sincos"), MAEConfig(), DataInfo("test", None, None, MEAN, STD, 16))
     images = smooth_images(mae, 8)
     optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-3, betas=(0.9, 0.95))
-    for _ in range(steps):
-        loss, _ = mae({"image": images})
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    fit(mae, {"image": images}, optimizer, steps)
     masking = fixed_masking(mae, images, seed=1)
     with torch.no_grad():
         latent, _, grid = mae.forward_encoder(images, masking)

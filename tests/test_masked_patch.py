@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_hybrid, tiny_vit
+from conftest import fit, tiny_hybrid, tiny_vit
 from ssl_vit.data import MEAN, STD
 from ssl_vit.objectives import DataInfo
 from ssl_vit.objectives.masked_patch import (
@@ -200,11 +200,7 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss(make, target):
             return obj(batch)[0].item()
 
     before = loss_at_seed()
-    for _ in range(8):
-        loss, metrics = obj(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    _, metrics = fit(obj, batch, optimizer, 8)
     assert set(metrics) == {"color_accuracy", "baseline_accuracy"}
     assert 0 < metrics["baseline_accuracy"] <= 1
     assert loss_at_seed() < 0.9 * before

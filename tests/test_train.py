@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from conftest import launch_processes, small_digits, tiny_vit
+from conftest import fit, launch_processes, small_digits, tiny_vit
 from ssl_vit.checkpoint import load_backbone, load_checkpoint, objective_state
 from ssl_vit.data import MEAN, STD, EpochSampler, ImageDataset, load_data, make_loader, train_transform
 from ssl_vit.config import parse_run_config
@@ -88,14 +88,7 @@ def test_loss_goes_down_on_a_fixed_batch():
     ds = ImageDataset(src.train, src.image_column, src.label_column, train_transform(16))
     batch = next(iter(make_loader(ds, EpochSampler(len(ds), 32), 0, False)))
     objective = Supervised(tiny_vit(), SupervisedConfig(), DataInfo("default", 10, None, MEAN, STD, 16))
-    opt = torch.optim.AdamW(objective.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(25):
-        loss, _ = objective(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, _ = fit(objective, batch, torch.optim.AdamW(objective.parameters(), lr=1e-3), 25)
     assert losses[-1] < 0.5 * losses[0]
 
 

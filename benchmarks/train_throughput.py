@@ -432,10 +432,10 @@ def versions() -> dict:
     return out
 
 
-def save(record: dict, slug: str) -> Path:
-    """Append this run to ``results/<device>-<date>.json``."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{slug}-{record['date'][:10]}.json"
+def save(record: dict, slug: str, path: Optional[Path] = None) -> Path:
+    """Append this run to ``path`` (default ``results/<device>-<date>.json``)."""
+    path = path or RESULTS_DIR / f"{slug}-{record['date'][:10]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     doc = json.loads(path.read_text()) if path.exists() else {"device": slug, "runs": []}
     doc["runs"].append(record)
     path.write_text(json.dumps(doc, indent=1) + "\n")
@@ -494,6 +494,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, when not in the table")
     p.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
                    help="write benchmarks/results/<device>-<date>.json")
+    p.add_argument("--results-file", type=Path, help="write (append) the run's record here instead")
     p.add_argument("--update-readme", action="store_true",
                    help="rebuild the table in benchmarks/README.md from every saved result")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of crashes")
@@ -568,10 +569,11 @@ def main(argv=None) -> dict:
     command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command.strip(),
               "device_name": name, "threads": torch.get_num_threads(), "versions": versions(),
-              "settings": {k: v for k, v in vars(args).items() if k not in ("save", "update_readme", "verbose")},
+              "settings": {k: v for k, v in vars(args).items()
+                           if k not in ("save", "update_readme", "verbose", "results_file")},
               "rows": rows, "data_pipeline": pipeline, "seconds": time.perf_counter() - started}
     if args.save:
-        print(f"\nsaved {save(record, device_slug(device))}")
+        print(f"\nsaved {save(record, device_slug(device), args.results_file)}")
     if args.update_readme:
         update_readme()
         print(f"rebuilt the table in {README}")

@@ -39,3 +39,33 @@ def test_quick_run_prints_ratios_and_records_crashes(capsys):
     ratios = [rows[name]["ratio_images_per_s"] for name in ("lightly MAE", "vit-pytorch MAE pool=mean")]
     assert all(r > 0 for r in ratios)
     assert last == f"min ratio ours/theirs: {min(ratios):.2f}"
+
+
+def test_gpu_check_records_each_section_and_survives_one_that_hangs(tmp_path):
+    """The prepared GPU check, at its CPU smoke sizes: the step figures of each objective land in
+    gpu_check.json, a section past its time limit is recorded (rc 124) and the next one still runs."""
+    import gpu_check
+
+    record = gpu_check.main(["--out", str(tmp_path / "out"), "--smoke", "--sections", "eager", "--budget", "300"])
+    saved = __import__("json").loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert saved["device"] == record["device"] and saved["torch"] == torch.__version__
+    rows = {r["objective"]: r for r in saved["sections"]["eager"]["rows"]}
+    assert set(rows) == {"masked_patch", "dino", "msn"} and all(r["images_per_s"] > 0 for r in rows.values())
+    with open(tmp_path / "log.txt", "w") as log:
+        hung = gpu_check.run_section("hang", [sys.executable, "-c", "import time; time.sleep(30)"], 1, log)
+        after = gpu_check.run_section("next", [sys.executable, "-c", "print('ran')"], 30, log)
+    assert hung["rc"] == 124 and after["rc"] == 0
+    assert "ran" in (tmp_path / "log.txt").read_text()
+
+
+def test_gpu_check_reads_the_loop_speed_after_warm_up(tmp_path):
+    import gpu_check
+
+    (tmp_path / "metrics.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in [
+        {"step": 10, "images_per_s": 5.0}, {"step": 20, "images_per_s": 90.0}, {"step": 20, "test_top1": 0.5},
+        {"step": 30, "images_per_s": 100.0}]))
+    assert gpu_check.recipe_images_per_s(tmp_path) == 100.0  # the upper median of 90 and 100: warm-up left out
+    rows = [{"objective": "supervised", "impl": "ours", "images_per_s": 200.0},
+            {"objective": "mae", "impl": "ours", "images_per_s": 500.0},
+            {"objective": "mae", "impl": "ours+compile", "images_per_s": 900.0}]
+    assert gpu_check._mae_ratio(rows) == 2.5  # eager against eager

@@ -8,33 +8,35 @@ mean/std, else ``ssl_vit.data.MEAN/STD``); the representation is
 for DINO, since that is the backbone a DINO ``ckpt.pt`` holds). Batched, on the GPU when there
 is one (bf16 autocast there), with a progress bar.
 
-Features are cached as safetensors (tensors only, no pickle) under ``--cache-dir``, one file per
-split, keyed by a hash of the checkpoint file's content (or the timm name), the data (for a
-local path: its files' names, sizes and modification times), the split, the subset, the image
-size, the crop fraction and the normalisation: a second call with the same inputs reads them back at once.
+Features of a checkpoint are cached as safetensors (tensors only, no pickle) under ``--cache-dir``
+(an in-memory backbone, as in training, is not cached), one file per split, keyed by a hash of
+the checkpoint file's content (or the timm name), the data (for a local path: its files' names,
+sizes and modification times), the split, the subset, the image size, the crop fraction and the
+normalisation: a second call with the same inputs reads them back at once.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
+
+from torch import nn
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ssl_vit.checkpoint import atomic_write, load_backbone
-from ssl_vit.data import (DataSource, EpochSampler, ImageDataset, eval_crop_fraction, eval_transform, load_data,
-                          make_loader, normalization)
-
-from .common import DEFAULT_CACHE_DIR, EvalError, base_parser, data_specs, positive_int, resolve_device
+from ..backbone import Backbone
+from ..checkpoint import atomic_write, load_backbone
+from ..data import (DataSource, EpochSampler, ImageDataset, eval_crop_fraction, eval_transform, load_data,
+                    make_loader, normalization)
+from ..errors import EvalError
 
 FEATURES_VERSION = 2  # part of the cache key: bump it when the extraction itself changes (2: split rows kept)
 SUBSET_SEED = 0  # --max-train / --max-test draw the same images every time
@@ -54,23 +56,6 @@ class Features:
     num_classes: int
     train_rows: Optional[torch.Tensor] = None
     test_rows: Optional[torch.Tensor] = None
-
-
-def feature_parser(description: str) -> argparse.ArgumentParser:
-    """``common.base_parser`` plus the flags of feature extraction."""
-    parser = base_parser(description)
-    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
-                        help=f"feature cache folder (default: {DEFAULT_CACHE_DIR})")
-    parser.add_argument("--max-train", type=positive_int, default=None, metavar="N",
-                        help="use a fixed random subset of N training images (a quick look on a slow machine)")
-    parser.add_argument("--max-test", type=positive_int, default=None, metavar="N",
-                        help="use a fixed random subset of N test images")
-    parser.add_argument("--skip-bad-images", action="store_true",
-                        help="leave out unreadable images (counted) instead of stopping at the first")
-    parser.add_argument("--crop-fraction", type=float, default=None, metavar="F",
-                        help="evaluation resize: short side to size / F, centre crop (default: 0.875 for inputs "
-                             "of 224 px or more, else 1: the exact size)")
-    return parser
 
 
 def checkpoint_digest(spec: str) -> str:
@@ -123,6 +108,17 @@ def image_split(source: DataSource, data: str, split: str, limit: Optional[int],
                         skip_bad_images=skip_bad_images)
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode within the block, its own mode (train, during training) restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def frozen_autocast(device: torch.device):
     """bf16 autocast for a frozen backbone's forward pass on a GPU, nothing on a CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -157,22 +153,34 @@ def extract(represent: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDat
 
 
 class FeatureExtractor:
-    """One checkpoint's backbone, ready to produce (cached) features for any data set."""
+    """A backbone, ready to produce features for any data set (cached when it came from a checkpoint).
 
-    def __init__(self, spec: str, device: torch.device, cache_dir: str, batch_size: int = 256,
-                 num_workers: int = 2, skip_bad_images: bool = False, crop_fraction: Optional[float] = None):
-        self.spec, self.device = spec, device
-        self.backbone, info = load_backbone(spec)  # CheckpointError for missing or foreign files
-        self.backbone.to(device)
-        self.mean, self.std = normalization(info.get("data") or {})
-        self.img_size = self.backbone.cfg.img_size
+    ``name``: what records and progress bars call it; ``data_stats``: the ``data`` entry of its
+    checkpoint (mean/std); ``digest``: the checkpoint's content hash, which keys the cache in
+    ``cache_dir`` (no cache without both)."""
+
+    def __init__(self, backbone: Backbone, device: torch.device, name: str = "backbone",
+                 data_stats: Optional[dict] = None, cache_dir: Optional[str] = None, digest: Optional[str] = None,
+                 batch_size: int = 256, num_workers: int = 2, skip_bad_images: bool = False,
+                 crop_fraction: Optional[float] = None):
+        self.spec, self.device, self.backbone = name, device, backbone
+        self.mean, self.std = normalization(data_stats or {})
+        self.img_size = backbone.cfg.img_size
         self.crop_fraction = eval_crop_fraction(self.img_size, crop_fraction)
         self.transform = eval_transform(self.img_size, self.mean, self.std, self.crop_fraction)
-        self.digest = checkpoint_digest(spec)
-        self.cache_dir = os.path.expanduser(cache_dir)
+        self.digest = digest
+        self.cache_dir = os.path.expanduser(cache_dir) if cache_dir and digest else None
         self.batch_size, self.num_workers, self.skip_bad_images = batch_size, num_workers, skip_bad_images
 
-    def cache_path(self, data: str, split: str, limit: Optional[int], columns: tuple) -> str:
+    @classmethod
+    def from_checkpoint(cls, spec: str, device: torch.device, cache_dir: Optional[str], **kwargs) -> "FeatureExtractor":
+        """The backbone of ``spec`` (ckpt.pt, timm:NAME, .safetensors) on ``device``, its features cached."""
+        backbone, info = load_backbone(spec)  # CheckpointError for missing or foreign files
+        return cls(backbone.to(device), device, spec, info.get("data"), cache_dir, checkpoint_digest(spec), **kwargs)
+
+    def cache_path(self, data: str, split: str, limit: Optional[int], columns: tuple) -> Optional[str]:
+        if self.cache_dir is None:
+            return None
         key = json.dumps({
             "version": FEATURES_VERSION, "checkpoint": self.digest, "data": data_identity(data),
             "columns": columns, "split": split, "limit": limit, "img_size": self.img_size,
@@ -188,7 +196,7 @@ class FeatureExtractor:
         out = {}
         for split, limit in (("train", max_train), ("test", max_test)):
             path = self.cache_path(data, split, limit, (image_column, label_column))
-            cached = read_cache(path)
+            cached = read_cache(path) if path else None
             if cached is not None:
                 out[split], num_classes = cached
                 continue
@@ -202,7 +210,8 @@ class FeatureExtractor:
             rows = positions if chosen is None else torch.tensor(chosen)[positions]  # subset position -> split row
             meta = {"checkpoint": self.spec, "data": data, "split": split, "num_classes": str(num_classes)}
             tensors = {"features": feats.contiguous(), "labels": labels, "rows": rows}
-            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+            if path:
+                atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
             out[split] = tensors
         return Features(out["train"]["features"], out["train"]["labels"], out["test"]["features"],
                         out["test"]["labels"], num_classes, out["train"]["rows"], out["test"]["rows"])
@@ -248,22 +257,13 @@ def check_labels(labels: torch.Tensor, num_classes: int, data: str, split: str) 
                         f"(its classes are 0..{num_classes - 1}): evaluate on splits with the same classes")
 
 
-def extractors(args: argparse.Namespace) -> Iterator[FeatureExtractor]:
-    """A ``FeatureExtractor`` for every checkpoint of the command line, one at a time."""
-    device = resolve_device(args.device)
-    for spec in args.checkpoints:
-        yield FeatureExtractor(spec, device, args.cache_dir, args.batch_size, args.num_workers,
-                               args.skip_bad_images, args.crop_fraction)
-
-
-def first_fields(extractor: FeatureExtractor, data: str) -> dict:
-    """The fields every evaluation record starts with: checkpoint, data and the evaluation crop."""
-    return {"checkpoint": extractor.spec, "data": data, "crop_fraction": extractor.crop_fraction}
-
-
-def each_features(args: argparse.Namespace) -> Iterator[tuple[dict, Features]]:
-    """(``first_fields``, features) for every checkpoint and data set of the command line."""
-    for extractor in extractors(args):
-        for data in data_specs(args):
-            yield first_fields(extractor, data), extractor.features(data, args.image_column, args.label_column,
-                                              args.max_train, args.max_test)
+def backbone_features(backbone: Backbone, data: str, device: Optional[torch.device] = None,
+                      data_stats: Optional[dict] = None, image_column: Optional[str] = None,
+                      label_column: Optional[str] = None, max_train: Optional[int] = None,
+                      max_test: Optional[int] = None, **kwargs) -> Features:
+    """Train and test features of ``data`` from an in-memory backbone (not cached), computed in eval
+    mode; the backbone's mode is restored after. ``kwargs``: ``FeatureExtractor``'s batch settings."""
+    device = device or next(backbone.parameters()).device
+    with eval_mode(backbone):
+        extractor = FeatureExtractor(backbone, device, data_stats=data_stats, **kwargs)
+        return extractor.features(data, image_column, label_column, max_train, max_test)

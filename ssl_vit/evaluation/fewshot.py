@@ -1,6 +1,7 @@
 """Few-shot linear evaluation (ViT paper section 4.1), big_vision's ``fewshot_lsr`` in PyTorch.
 
-    python -m eval.fewshot CKPT [CKPT ...] --data NAME_OR_PATH [--shots 1 5 10 25] [--seeds 3] [--l2 sweep]
+    fewshot(features, shots=(1, 5, 10, 25), seeds=3, l2=1024.0 | "sweep") -> one record per shot count
+    (command line: python -m eval.fewshot CKPT --data NAME_OR_PATH [--shots ...] [--seeds 3] [--l2 sweep])
 
 For each seed, k training images per class are drawn from the train features; the features are
 standardised with that few-shot set's mean and std, a constant bias feature is appended, the
@@ -10,15 +11,14 @@ scored by argmax on the test set. Reported: mean and std (over seeds) of the tes
 
 from __future__ import annotations
 
-import argparse
 from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from .common import EvalError, percent, pivot_table, positive_int, resolve_device, run_cli, write_json
-from .features import Features, each_features, feature_parser
+from ..errors import EvalError
+from .features import Features
 
 BIAS_CONSTANT = 100.0  # value of the appended bias feature: large, so its weight is barely regularised
 STD_EPS = 1e-5  # added to each feature's std before standardising
@@ -165,41 +165,3 @@ def _fewshot(features: Features, shots, seeds: int, l2: L2, val_size: int, devic
         records.append({"shots": k, "l2": penalties if sweep else l2, "accuracy": acc.mean().item(),
                         "accuracy_std": acc.std(unbiased=False).item(), "seeds": seeds})
     return records
-
-
-def l2_arg(text: str) -> L2:
-    if text == "sweep":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a penalty (e.g. 1024) or 'sweep'") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: the penalty must be > 0")
-    return value
-
-
-def main(argv: Optional[list[str]] = None) -> list[dict]:
-    parser = feature_parser(__doc__)
-    parser.add_argument("--shots", type=positive_int, nargs="+", default=list(DEFAULT_SHOTS),
-                        help="images per class (default: 1 5 10 25)")
-    parser.add_argument("--seeds", type=positive_int, default=3, help="random few-shot draws per shot count")
-    parser.add_argument("--l2", type=l2_arg, default=DEFAULT_L2,
-                        help="ridge penalty (default 2^10 = 1024, big_vision's), or 'sweep': per seed, the "
-                             "best of 2^-10..2^19 on held-out training images; the record then lists one per seed")
-    parser.add_argument("--val-size", type=positive_int, default=DEFAULT_VAL_SIZE,
-                        help="held-out training images per seed for --l2 sweep")
-    args = parser.parse_args(argv)
-    device, records = resolve_device(args.device), []
-    for first, feats in each_features(args):
-        for r in fewshot(feats, args.shots, args.seeds, args.l2, args.val_size, device):
-            records.append({**first, **r})
-    pivot_table(records, "shots", lambda r: f"{percent(r['accuracy'])} ± {percent(r['accuracy_std'])}",
-                f"few-shot linear accuracy (%, mean ± std over {args.seeds} seeds, l2 "
-                f"{'sweep' if args.l2 == 'sweep' else f'{args.l2:g}'})")
-    write_json(args.json, records)
-    return records
-
-
-if __name__ == "__main__":
-    run_cli(main)

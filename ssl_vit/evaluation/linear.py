@@ -1,6 +1,8 @@
 """Linear probe on a frozen backbone: on cached features (fast), or DINO's protocol on augmented images.
 
-    python -m eval.linear CKPT [CKPT ...] --data NAME_OR_PATH [--protocol cached|dino] [--epochs 100] [--bn]
+    linear_probe(features, ProbeSettings(...)) -> record        (the cached protocol)
+    dino_linear_probe(extractor, data, ProbeSettings(lr=0.001, ...)) -> record
+    (command line: python -m eval.linear CKPT --data NAME_OR_PATH [--protocol cached|dino] [--epochs 100] [--bn])
 
 Both follow DINO's ``eval_linear.py``: a linear layer (weights N(0, 0.01), zero bias) trained with
 SGD, momentum 0.9, no weight decay, lr = base lr x batch / 256, cosine decay to 0, cross-entropy;
@@ -21,7 +23,6 @@ steps once per epoch; batch 1024 with a GPU as DINO's 8 x 128, 128 (one of its G
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
@@ -32,13 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ssl_vit.backbone import Backbone
-from ssl_vit.data import EpochSampler, ImageDataset, make_loader, train_transform
-from ssl_vit.data.subsets import check_fraction, class_balanced_subset
-
-from .common import EvalError, data_specs, percent, positive_int, print_table, resolve_device, run_cli, write_json
-from .features import (Features, check_labels, each_features, extract, extractors, feature_parser, first_fields,
-                       frozen_autocast, image_split, labelled_source)
+from ..backbone import Backbone
+from ..data import EpochSampler, ImageDataset, make_loader, train_transform
+from ..data.subsets import class_balanced_subset
+from ..errors import EvalError
+from .features import Features, FeatureExtractor, check_labels, extract, frozen_autocast, image_split, labelled_source
 
 PROTOCOLS = ("cached", "dino")
 DEFAULT_EPOCHS = 100
@@ -172,86 +171,29 @@ def train_dino_probe(represent, model: nn.Module, train: ImageDataset, s: ProbeS
         schedule.step()
 
 
-def dino_linear_probe(extractor, data: str, args: argparse.Namespace, s: ProbeSettings) -> dict:
+def dino_linear_probe(extractor: FeatureExtractor, data: str, s: ProbeSettings, n_last_blocks: Optional[int] = None,
+                      avgpool_patchtokens: Optional[bool] = None, image_column: Optional[str] = None,
+                      label_column: Optional[str] = None, max_train: Optional[int] = None,
+                      max_test: Optional[int] = None) -> dict:
     """DINO's linear evaluation of one extractor's backbone on ``data``: train on augmented images, then
-    the test accuracy on the evaluation transform's images."""
+    the test accuracy on the evaluation transform's images. ``n_last_blocks``, ``avgpool_patchtokens``:
+    ``dino_layout``'s; the extractor gives the device, batch size, workers and normalisation."""
     backbone, device = extractor.backbone, extractor.device
-    n, avgpool = dino_layout(backbone.embed_dim, args.n_last_blocks, args.avgpool_patchtokens)
+    n, avgpool = dino_layout(backbone.embed_dim, n_last_blocks, avgpool_patchtokens)
     check_dino_backbone(backbone, extractor.spec, n)
     represent = partial(dino_features, backbone, n_last_blocks=n, avgpool_patchtokens=avgpool)
-    source = labelled_source(data, args.image_column, args.label_column)
+    source = labelled_source(data, image_column, label_column)
     augment = train_transform(extractor.img_size, DINO_CROP_SCALE, True, extractor.mean, extractor.std)
-    train = image_split(source, data, "train", args.max_train, augment, args.skip_bad_images)
+    train = image_split(source, data, "train", max_train, augment, extractor.skip_bad_images)
     labels = torch.tensor(list(train.ds[source.label_column]))
     train.ds = train.ds.select(class_balanced_subset(labels, s.label_fraction, s.seed).tolist())
-    test = image_split(source, data, "test", args.max_test, extractor.transform, args.skip_bad_images)
+    test = image_split(source, data, "test", max_test, extractor.transform, extractor.skip_bad_images)
     feature_dim = backbone.embed_dim * (n + avgpool)
     model = probe_model(feature_dim, source.num_classes, s.bn, torch.Generator().manual_seed(s.seed)).to(device)
     check = partial(check_labels, num_classes=source.num_classes, data=data, split="train")
-    train_dino_probe(represent, model, train, s, args.num_workers, device, check)
-    test_x, test_y, _ = extract(represent, test, args.batch_size, args.num_workers, device, "features test")
+    train_dino_probe(represent, model, train, s, extractor.num_workers, device, check)
+    test_x, test_y, _ = extract(represent, test, extractor.batch_size, extractor.num_workers, device, "features test")
     check_labels(test_y, source.num_classes, data, "test")
     return {"protocol": "dino", "accuracy": accuracy(model, test_x.to(device), test_y.to(device)),
             **dataclasses.asdict(s), "n_last_blocks": n, "avgpool_patchtokens": avgpool,
             "feature_dim": feature_dim, "crop_scale": list(DINO_CROP_SCALE), "hflip": True}
-
-
-def dino_records(args: argparse.Namespace, s: ProbeSettings) -> list[dict]:
-    records = []
-    for extractor in extractors(args):
-        for data in data_specs(args):
-            result = dino_linear_probe(extractor, data, args, s)
-            records.append({**first_fields(extractor, data), **result})
-    return records
-
-
-# ----- the command line -----
-def settings(args: argparse.Namespace) -> ProbeSettings:
-    """The protocol's defaults, overridden by the flags given; DINO-only flags refused elsewhere."""
-    dino = args.protocol == "dino"
-    if not dino and (args.n_last_blocks is not None or args.avgpool_patchtokens is not None):
-        raise EvalError("--n-last-blocks and --avgpool-patchtokens set DINO's features: add --protocol dino")
-    cuda = resolve_device(args.device).type == "cuda"
-    batch = CACHED_BATCH if not dino else DINO_BATCH_GPU if cuda else DINO_BATCH_CPU
-    return ProbeSettings(args.epochs, args.lr if args.lr is not None else DEFAULT_LR[args.protocol],
-                         args.probe_batch_size or batch, args.bn, args.momentum, args.weight_decay, args.seed,
-                         check_fraction(args.label_fraction))
-
-
-def main(argv: Optional[list[str]] = None) -> list[dict]:
-    parser = feature_parser(__doc__)
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="cached",
-                        help="cached: a fast probe on cached features; dino: DINO's eval_linear (see above)")
-    parser.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS)
-    parser.add_argument("--lr", type=float, default=None,
-                        help=f"base lr at batch {LR_REF_BATCH} (default: cached 0.1, dino 0.001)")
-    parser.add_argument("--probe-batch-size", type=positive_int, default=None,
-                        help=f"examples per SGD step (default: cached {CACHED_BATCH}; dino {DINO_BATCH_GPU} with "
-                             f"a GPU, {DINO_BATCH_CPU} on a CPU); --batch-size is the extraction batch")
-    parser.add_argument("--bn", action="store_true", help="MAE's non-affine BatchNorm before the linear layer")
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--label-fraction", type=float, default=1.0,
-                        help="train on this fraction of each class's labelled training images (0.01, 0.1: the "
-                             "1%% / 10%% protocols), chosen by --seed; the test set stays whole")
-    parser.add_argument("--n-last-blocks", type=positive_int, default=None,
-                        help="dino: class tokens of this many last blocks (default: 4, or 1 from width 768 on)")
-    parser.add_argument("--avgpool-patchtokens", action=argparse.BooleanOptionalAction, default=None,
-                        help="dino: add the mean patch token of the last block (default: from width 768 on)")
-    args = parser.parse_args(argv)
-    s = settings(args)
-    if args.protocol == "dino":
-        records = dino_records(args, s)
-    else:
-        device = resolve_device(args.device)
-        records = [{**first, **linear_probe(feats, s, device)} for first, feats in each_features(args)]
-    print_table(["checkpoint", "data", "accuracy (%)", "protocol", "labels", "epochs", "lr", "bn"],
-                [[r["checkpoint"], r["data"], percent(r["accuracy"]), r["protocol"], f"{r['label_fraction']:.0%}",
-                  r["epochs"], f"{r['lr']:g}", r["bn"]] for r in records], "linear probe on a frozen backbone")
-    write_json(args.json, records)
-    return records
-
-
-if __name__ == "__main__":
-    run_cli(main)

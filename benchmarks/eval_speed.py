@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from eval.features import Features
-from eval.fewshot import fewshot
-from eval.knn import DEFAULT_KS, TEMPERATURE, knn_predict
-from eval.knn_search import SCREEN_MAX_K, bf16_is_faster
+from ssl_vit.evaluation.features import Features
+from ssl_vit.evaluation.fewshot import fewshot
+from ssl_vit.evaluation.knn import DEFAULT_KS, TEMPERATURE, knn_predict
+from ssl_vit.evaluation.knn_search import SCREEN_MAX_K, bf16_is_faster
 
 
 def synthetic(n_train: int, n_test: int, dim: int, classes: int, seed: int = 0) -> Features:

@@ -18,13 +18,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ssl_vit.checkpoint import atomic_write
-from ssl_vit.errors import UserError, run_cli  # noqa: F401  (run_cli: every command's entry point)
+from ssl_vit.errors import EvalError, run_cli  # noqa: F401  (run_cli: every command's entry point)
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "ssl_vit", "features")
-
-
-class EvalError(UserError):
-    """An evaluation that cannot run as asked; the message names the bad value and what would work."""
 
 
 def positive_int(text: str) -> int:

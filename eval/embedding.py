@@ -17,7 +17,7 @@ writes to ``--out``:
   class: a cheap purity number, not DINO's weighted kNN accuracy), the queries and their neighbours
   as rows of the data set's test and train splits. ``--json PATH`` writes the same records as a list.
 
-Features are ``eval.features``' (cached; ``--max-train``/``--max-test``, ``--crop-fraction``,
+Features are ``ssl_vit.evaluation.features``' (cached; ``--max-train``/``--max-test``, ``--crop-fraction``,
 ``--skip-bad-images`` as in every evaluation); neighbours come from ``knn_search.topk_chunks``.
 """
 
@@ -39,10 +39,12 @@ from ssl_vit.data import DataSource, ImageDataset
 from ssl_vit.names import short_name
 
 from .common import EvalError, data_specs, percent, positive_int, print_table, resolve_device, run_cli, write_json
-from .features import Features, each_features, feature_parser, labelled_source
+from ssl_vit.evaluation.features import Features, labelled_source
+from ssl_vit.evaluation.knn_search import topk_chunks
+
 from .embedding_figures import FIGURES
+from .features import each_features, feature_parser
 from .inspection_figures import panel_count
-from .knn_search import topk_chunks
 
 METHODS = ("pca", "umap")
 PCA_COMPONENTS = 10  # explained variance is reported for the first 2 and the first 10 components

@@ -41,12 +41,12 @@ from ssl_vit.backbone import BackboneConfig, token_width
 from ssl_vit.checkpoint import backbone_info, load_checkpoint
 from ssl_vit.config import RunConfig, TrainConfig, unwrap_optional
 from ssl_vit.data import eval_crop_fraction
+from ssl_vit.evaluation.features import labelled_source
 from ssl_vit.names import folder_safe, short_name
 from ssl_vit.objectives.supervised import SupervisedConfig
 from ssl_vit.train import Trainer
 
 from .common import EvalError, base_parser, data_specs, percent, positive_int, print_table, run_cli, write_json
-from .features import labelled_source
 
 
 @dataclass(frozen=True)

@@ -26,25 +26,14 @@ from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
-from ssl_vit.backbone import Backbone
 from ssl_vit.checkpoint import load_backbone
-from ssl_vit.data import DataSource, ImageDataset, denormalize, eval_transform, load_data
+from ssl_vit.data import DataSource, ImageDataset, eval_transform, load_data
 from ssl_vit.names import short_name
+from ssl_vit.evaluation.attention import CLASS_TOKEN_HANDLING, attention_pass, patch_distances, rollout_source
+from ssl_vit.evaluation.embeddings import Filters, first_layer_filters, position_similarity, similarity_by_distance
 
-from .attention import (
-    CLASS_TOKEN_HANDLING,
-    attention_rollout,
-    mean_attention_distance,
-    patch_distances,
-    prefix_attention,
-    record_attention,
-    rollout_map,
-    rollout_source,
-)
 from .common import EvalError, run_cli
-from .embeddings import Filters, first_layer_filters, position_similarity, similarity_by_distance
 from .inspection_figures import FIGURES, panel_count
 
 NUM_IMAGES = 128  # the paper's attention-distance sample
@@ -91,37 +80,6 @@ def image_loader(source: DataSource, img_size: int, num_images: int, batch_size:
         raise InspectError(f"{source.name} is streamed; inspection needs a map-style data set (drop streaming)")
     dataset = ImageDataset(split, source.image_column, None, eval_transform(img_size), split="test")
     return DataLoader(Subset(dataset, range(min(num_images, len(dataset)))), batch_size=batch_size)
-
-
-@torch.no_grad()
-def attention_pass(backbone: Backbone, loader: DataLoader, num_rollout: int, device: torch.device, desc: str):
-    """Run the images through the backbone once, reading its attention.
-
-    Returns (distance [L, H], prefix_weight [L, H], rollout maps [K, h, w], images [K, C, H, W],
-    grid, number of images).
-    """
-    num_prefix, source = backbone.num_prefix_tokens, rollout_source(backbone)
-    dist_sum = prefix_sum = distances = grid = None
-    maps, shown, seen = [], [], 0
-    for batch in tqdm(loader, desc=f"attention {desc}", unit="batch"):
-        images = batch["image"].to(device)
-        with record_attention(backbone) as layers:
-            backbone.forward_features(images)
-        if distances is None:
-            grid = backbone.grid_size(images)
-            distances = patch_distances(grid, backbone.pixel_patch_size).to(device)
-        per_layer = torch.stack([mean_attention_distance(a, distances, num_prefix).sum(0) for a in layers])
-        per_prefix = torch.stack([prefix_attention(a, num_prefix).sum(0) for a in layers])
-        dist_sum = per_layer if dist_sum is None else dist_sum + per_layer
-        prefix_sum = per_prefix if prefix_sum is None else prefix_sum + per_prefix
-        seen += len(images)
-        need = num_rollout - sum(len(m) for m in maps)
-        if need > 0:
-            maps.append(rollout_map(attention_rollout([a[:need] for a in layers]), num_prefix, grid, source).cpu())
-            shown.append(denormalize(batch["image"][:need]).clamp(0, 1))
-    if not seen:
-        raise InspectError("the data has no images to inspect")
-    return (dist_sum / seen).cpu(), (prefix_sum / seen).cpu(), torch.cat(maps), torch.cat(shown), grid, seen
 
 
 def inspect_checkpoint(spec: str, source: DataSource, num_images: int, num_rollout: int,

@@ -15,10 +15,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # used without pyplot: no GUI backend, nothing to close
 from torchvision.utils import make_grid
 
-from .attention import CLASS_TOKEN_HANDLING
+from ssl_vit.evaluation.attention import CLASS_TOKEN_HANDLING
 
 if TYPE_CHECKING:
-    from .inspect import Inspection
+    from .inspection import Inspection
 
 PANEL_INCHES = 3.2
 FILTERS_PER_ROW = 7  # 28 filters as 4 rows of 7, as in the paper

@@ -18,6 +18,10 @@ class ConfigError(UserError):
     """A setting with an invalid value: the message names the setting and the valid values."""
 
 
+class EvalError(UserError):
+    """An evaluation that cannot run as asked; the message names the bad value and what would work."""
+
+
 def run_cli(main: Callable[[Optional[list[str]]], object], argv: Optional[list[str]] = None) -> None:
     """Run a command's ``main``; a ``UserError`` becomes one line on stderr and exit status 2."""
     try:

@@ -184,14 +184,14 @@ def test_a_distilled_backbone_exports_to_timm_with_equal_outputs(tmp_path):
 
 
 def test_eval_features_of_a_distilled_checkpoint_are_the_mean_of_its_two_tokens(tmp_path):
-    from eval.features import FeatureExtractor, image_split
-    from eval.linear import dino_features
+    from ssl_vit.evaluation.features import FeatureExtractor, image_split
+    from ssl_vit.evaluation.linear import dino_features
 
     b = distilled_vit()
     ckpt = str(tmp_path / "ckpt.pt")
     save_checkpoint(ckpt, b, objective="distill", objective_config={}, train_config={}, step=1,
                     data={"mean": MEAN, "std": STD})
-    extractor = FeatureExtractor(ckpt, torch.device("cpu"), str(tmp_path / "cache"), batch_size=8, num_workers=0)
+    extractor = FeatureExtractor.from_checkpoint(ckpt, torch.device("cpu"), str(tmp_path / "cache"), batch_size=8, num_workers=0)
     features = extractor.features("default", max_train=8, max_test=8)
     test = image_split(load_data("default"), "default", "test", 8, extractor.transform, False)
     images = torch.stack([test[i]["image"] for i in range(len(test))])
@@ -352,7 +352,7 @@ def test_load_objective_rebuilds_a_distilled_run_and_its_test_accuracy(tmp_path,
     rebuilt = load_objective(path)
     assert isinstance(rebuilt, Distill) and rebuilt.teacher is None  # the teacher is not part of ckpt.pt
     assert all(torch.equal(v, objective_state(ckpt)[k]) for k, v in rebuilt.objective_state().items())
-    from eval.features import image_split
+    from ssl_vit.evaluation.features import image_split
     from ssl_vit.data import eval_transform
 
     data = _data_info(path)

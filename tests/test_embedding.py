@@ -13,9 +13,9 @@ from PIL import Image
 
 from conftest import small_digits, tiny_vit
 from eval import embedding, embedding_figures
-from eval import features as features_mod
 from eval.common import run_cli
-from eval.features import FeatureExtractor, Features, subset
+from ssl_vit.evaluation import features as features_mod
+from ssl_vit.evaluation.features import FeatureExtractor, Features, subset
 from ssl_vit.checkpoint import save_checkpoint
 from ssl_vit.data import load_data
 from ssl_vit.data.loader import to_rgb
@@ -66,7 +66,7 @@ def run(checkpoints, tmp_path_factory):
 
 def _cached_features(spec, cache) -> Features:
     """The features the command used, read back from its cache (no extraction: the key is the same)."""
-    return FeatureExtractor(spec, torch.device("cpu"), cache, num_workers=0).features(
+    return FeatureExtractor.from_checkpoint(spec, torch.device("cpu"), cache, num_workers=0).features(
         "default", max_train=MAX_TRAIN, max_test=MAX_TEST)
 
 
@@ -142,7 +142,7 @@ def test_the_retrieval_grid_shows_the_images_whose_features_were_retrieved(run, 
     for view, spec in zip(run["views"], checkpoints):
         feats = _cached_features(spec, run["cache"])
         best = _brute_force_cosine(feats).topk(K, dim=1).indices
-        extractor = FeatureExtractor(spec, torch.device("cpu"), run["cache"], num_workers=0)
+        extractor = FeatureExtractor.from_checkpoint(spec, torch.device("cpu"), run["cache"], num_workers=0)
         for i, query_row in enumerate(view.record["queries"]):
             q = feats.test_rows.tolist().index(query_row)
             assert np.array_equal(view.query_images[i], _decoded(test[q]["image"]))
@@ -167,7 +167,7 @@ def test_feature_rows_name_the_split_rows_when_a_subset_is_drawn_and_images_are_
     rows = train.to_list()
     rows[bad]["image"] = {"bytes": b"not an image", "path": None}
     datasets.Dataset.from_list(rows, features=train.features).cast_column("image", datasets.Image()).to_parquet(path)
-    extractor = FeatureExtractor(checkpoints[0], torch.device("cpu"), str(tmp_path / "cache"), num_workers=0,
+    extractor = FeatureExtractor.from_checkpoint(checkpoints[0], torch.device("cpu"), str(tmp_path / "cache"), num_workers=0,
                                  skip_bad_images=True)
     feats = extractor.features(str(folder), max_train=30)
     assert feats.train_rows.tolist() == [r for r in chosen if r != bad]

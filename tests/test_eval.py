@@ -12,16 +12,17 @@ from timm.layers import resample_abs_pos_embed
 from conftest import tiny_hybrid, tiny_vit
 from ssl_vit.backbone import build_backbone
 
-from eval import features as features_mod
+from ssl_vit.evaluation import features as features_mod
 from eval import fewshot as fewshot_mod
 from eval import finetune as finetune_mod
 from eval import knn as knn_mod
 from eval import linear as linear_mod
 from eval.common import EvalError, run_cli
-from eval.features import Features
-from eval.fewshot import BIAS_CONSTANT, RidgeClassifier, fewshot
-from eval.knn import knn_predict
-from eval.knn_search import bf16_candidates, screened_topk
+from ssl_vit.evaluation import linear as linear_lib
+from ssl_vit.evaluation.features import Features
+from ssl_vit.evaluation.fewshot import BIAS_CONSTANT, RidgeClassifier, fewshot
+from ssl_vit.evaluation.knn import knn_predict
+from ssl_vit.evaluation.knn_search import bf16_candidates, screened_topk
 from ssl_vit.data import load_data
 from ssl_vit.checkpoint import load_checkpoint, objective_state, save_checkpoint
 from ssl_vit.objectives import load_objective
@@ -287,7 +288,7 @@ def test_linear_probe_learns_separable_features():
     feats = _features(centres[train_y] + 0.3 * torch.randn(400, dim, generator=g), train_y,
                       centres[test_y] + 0.3 * torch.randn(200, dim, generator=g), test_y, classes)
     for bn in (False, True):
-        assert linear_mod.linear_probe(feats, linear_mod.ProbeSettings(epochs=10, bn=bn))["accuracy"] > 0.95
+        assert linear_lib.linear_probe(feats, linear_lib.ProbeSettings(epochs=10, bn=bn))["accuracy"] > 0.95
 
 
 # ----- bad input -----

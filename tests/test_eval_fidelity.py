@@ -9,11 +9,12 @@ from PIL import Image
 from torchvision.transforms import v2
 from conftest import tiny_vit
 
-from eval import features as features_mod
+from ssl_vit.evaluation import features as features_mod
 from eval import knn as knn_mod
 from eval import linear as linear_mod
 from eval.common import EvalError, run_cli
-from eval.features import FeatureExtractor
+from ssl_vit.evaluation import linear as linear_lib
+from ssl_vit.evaluation.features import FeatureExtractor
 from ssl_vit.checkpoint import save_checkpoint
 from ssl_vit.data import eval_crop_fraction, eval_transform
 from ssl_vit.data.transforms import to_normalized_tensor
@@ -47,8 +48,8 @@ def test_dino_features_are_normed_class_tokens_of_the_last_blocks():
     torch.manual_seed(0)
     images = torch.randn(3, 3, 16, 16)
     small = tiny_vit(depth=5).eval()  # ViT-Ti width 192: the class tokens of the last 4 blocks
-    n, avgpool = linear_mod.dino_layout(small.embed_dim)
-    feats = linear_mod.dino_features(small, images, n, avgpool)
+    n, avgpool = linear_lib.dino_layout(small.embed_dim)
+    feats = linear_lib.dino_features(small, images, n, avgpool)
     assert (n, avgpool) == (4, False) and feats.shape == (3, 4 * 192)
     outs = _block_outputs(small, images)[-4:]
     expected = torch.cat([small.vit.norm(o)[:, 0] for o in outs], dim=1)
@@ -56,8 +57,8 @@ def test_dino_features_are_normed_class_tokens_of_the_last_blocks():
     torch.testing.assert_close(feats[:, -192:], small(images), rtol=0, atol=1e-5)  # the backbone's own class token
 
     wide = tiny_vit(model="vit_base", patch_size=8, depth=1).eval()  # width 768: class token + mean patch token
-    n, avgpool = linear_mod.dino_layout(wide.embed_dim)
-    feats = linear_mod.dino_features(wide, images, n, avgpool)
+    n, avgpool = linear_lib.dino_layout(wide.embed_dim)
+    feats = linear_lib.dino_features(wide, images, n, avgpool)
     assert (n, avgpool) == (1, True) and feats.shape == (3, 2 * 768)
     (out,) = _block_outputs(wide, images)
     normed = wide.vit.norm(out)
@@ -66,21 +67,21 @@ def test_dino_features_are_normed_class_tokens_of_the_last_blocks():
 
 def test_dino_protocol_refuses_backbones_without_its_features():
     with pytest.raises(EvalError, match="--fc-norm"):
-        linear_mod.check_dino_backbone(tiny_vit(global_pool="avg", fc_norm=True), "x.pt", 1)
+        linear_lib.check_dino_backbone(tiny_vit(global_pool="avg", fc_norm=True), "x.pt", 1)
     with pytest.raises(EvalError, match=r"--n-last-blocks 4: x.pt has 2 blocks"):
-        linear_mod.check_dino_backbone(tiny_vit(), "x.pt", 4)
+        linear_lib.check_dino_backbone(tiny_vit(), "x.pt", 4)
 
 
 def test_dino_protocol_trains_on_fresh_crops_and_records_its_settings(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """Each epoch's training images are new random crops (never the cached evaluation images), the
     test images are the evaluation transform's, and the record names the protocol and its settings."""
-    seen, original = [], linear_mod.dino_features
+    seen, original = [], linear_lib.dino_features
 
     def spy(backbone, images, **kw):
         seen.append(images.clone())
         return original(backbone, images, **kw)
 
-    monkeypatch.setattr(linear_mod, "dino_features", spy)
+    monkeypatch.setattr(linear_lib, "dino_features", spy)
     out = tmp_path / "linear.json"
     run_cli(linear_mod.main, [tiny_ckpt, "--protocol", "dino", "--n-last-blocks", "2", "--epochs", "2",
                               "--probe-batch-size", "16", "--cache-dir", str(tmp_path / "c"), "--json", str(out),
@@ -93,7 +94,7 @@ def test_dino_protocol_trains_on_fresh_crops_and_records_its_settings(tiny_ckpt,
     assert epoch0.shape[0] == epoch1.shape[0] == 16 and test.shape[0] == 10
     per_image = lambda x: sorted(x.sum((1, 2, 3)).tolist())  # noqa: E731  order-free: the sampler shuffles
     assert not np.allclose(per_image(epoch0), per_image(epoch1), atol=1e-3)
-    extractor = FeatureExtractor(tiny_ckpt, torch.device("cpu"), str(tmp_path / "c"))
+    extractor = FeatureExtractor.from_checkpoint(tiny_ckpt, torch.device("cpu"), str(tmp_path / "c"))
     source = features_mod.labelled_source("default", None, None)
     train = features_mod.image_split(source, "default", "train", 16, extractor.transform, False)
     evaluation = torch.stack([train[i]["image"] for i in range(16)])
@@ -119,8 +120,8 @@ def test_eval_transform_crops_from_224_px_as_timm_and_dino():
 
 def test_crop_fraction_is_recorded_and_keys_the_feature_cache(tiny_ckpt, tmp_path, monkeypatch, capsys):
     cache = str(tmp_path / "c")
-    whole = FeatureExtractor(tiny_ckpt, torch.device("cpu"), cache, num_workers=0)
-    half = FeatureExtractor(tiny_ckpt, torch.device("cpu"), cache, num_workers=0, crop_fraction=0.5)
+    whole = FeatureExtractor.from_checkpoint(tiny_ckpt, torch.device("cpu"), cache, num_workers=0)
+    half = FeatureExtractor.from_checkpoint(tiny_ckpt, torch.device("cpu"), cache, num_workers=0, crop_fraction=0.5)
     first = whole.features("default", max_train=8, max_test=8)
     second = half.features("default", max_train=8, max_test=8)  # would read the first's entry if the key lacked the crop
     assert not torch.allclose(first.train, second.train)
@@ -159,9 +160,9 @@ def test_class_balanced_subset_takes_the_fraction_of_each_class_by_seed():
 
 def test_linear_probe_trains_on_the_label_fraction_and_records_it(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """Both protocols see only the chosen fraction of the training images; the test set stays whole."""
-    sizes, step, train_dino = [], linear_mod.sgd_step, linear_mod.train_dino_probe
-    monkeypatch.setattr(linear_mod, "sgd_step", lambda m, o, x, y: (sizes.append(len(y)), step(m, o, x, y)))
-    monkeypatch.setattr(linear_mod, "train_dino_probe",
+    sizes, step, train_dino = [], linear_lib.sgd_step, linear_lib.train_dino_probe
+    monkeypatch.setattr(linear_lib, "sgd_step", lambda m, o, x, y: (sizes.append(len(y)), step(m, o, x, y)))
+    monkeypatch.setattr(linear_lib, "train_dino_probe",
                         lambda represent, model, train, *a: (sizes.append(len(train)), train_dino(represent, model, train, *a)))
     args = [tiny_ckpt, "--epochs", "1", "--probe-batch-size", "64", "--cache-dir", str(tmp_path / "c"),
             "--max-train", "40", "--max-test", "10", "--num-workers", "0"]

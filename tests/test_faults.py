@@ -295,7 +295,7 @@ def test_evaluations_can_skip_unreadable_images_and_rebuild_a_corrupt_cache(tmp_
     assert knn.main([*args, "--skip-bad-images"]) == [record]  # rebuilt, the same numbers
     assert "is unreadable (" in capsys.readouterr().err
     with pytest.raises(EvalError, match="classes \\[3\\] that the training split does not"):
-        from eval.features import check_labels
+        from ssl_vit.evaluation.features import check_labels
         check_labels(torch.tensor([0, 3]), 3, "x", "test")
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.attention import (
+from ssl_vit.evaluation.attention import (
     FROM_CLASS,
     FROM_PATCH_MEAN,
     attention_rollout,
@@ -17,7 +17,7 @@ from eval.attention import (
     record_attention,
     rollout_map,
 )
-from eval.embeddings import first_layer_filters, position_similarity, similarity_by_distance
+from ssl_vit.evaluation.embeddings import first_layer_filters, position_similarity, similarity_by_distance
 from eval.inspection import image_loader, inspect_checkpoint, main
 from eval.inspection_figures import plot_rollout
 from ssl_vit.checkpoint import load_backbone, save_checkpoint

@@ -13,14 +13,16 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from ssl_vit.backbone import Backbone
+from ..backbone import Backbone
+from ..data import denormalize
 
-from .common import EvalError
+from ..errors import EvalError
 
 # The class token is left out of the attention distance: queries are patch tokens, keys are patch
 # tokens with each row renormalised to sum to 1 (the class token has no position on the image).
@@ -127,3 +129,34 @@ def rollout_map(rollout: torch.Tensor, num_prefix: int, grid: tuple[int, int], s
     or the mean of the patch rows (FROM_PATCH_MEAN)."""
     rows = rollout[:, 0] if source == FROM_CLASS else rollout[:, num_prefix:].mean(dim=1)
     return rows[:, num_prefix:].reshape(-1, *grid)
+
+
+@torch.no_grad()
+def attention_pass(backbone: Backbone, loader: Iterable[dict], num_rollout: int, device: torch.device, desc: str):
+    """Run the images (batches {"image": [B, C, H, W]}) through the backbone once, reading its attention.
+
+    Returns (distance [L, H], prefix_weight [L, H], rollout maps [K, h, w], images [K, C, H, W],
+    grid, number of images).
+    """
+    num_prefix, source = backbone.num_prefix_tokens, rollout_source(backbone)
+    dist_sum = prefix_sum = distances = grid = None
+    maps, shown, seen = [], [], 0
+    for batch in tqdm(loader, desc=f"attention {desc}", unit="batch"):
+        images = batch["image"].to(device)
+        with record_attention(backbone) as layers:
+            backbone.forward_features(images)
+        if distances is None:
+            grid = backbone.grid_size(images)
+            distances = patch_distances(grid, backbone.pixel_patch_size).to(device)
+        per_layer = torch.stack([mean_attention_distance(a, distances, num_prefix).sum(0) for a in layers])
+        per_prefix = torch.stack([prefix_attention(a, num_prefix).sum(0) for a in layers])
+        dist_sum = per_layer if dist_sum is None else dist_sum + per_layer
+        prefix_sum = per_prefix if prefix_sum is None else prefix_sum + per_prefix
+        seen += len(images)
+        need = num_rollout - sum(len(m) for m in maps)
+        if need > 0:
+            maps.append(rollout_map(attention_rollout([a[:need] for a in layers]), num_prefix, grid, source).cpu())
+            shown.append(denormalize(batch["image"][:need]).clamp(0, 1))
+    if not seen:
+        raise EvalError("the data has no images to inspect")
+    return (dist_sum / seen).cpu(), (prefix_sum / seen).cpu(), torch.cat(maps), torch.cat(shown), grid, seen

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_vit.backbone import Backbone
+from ..backbone import Backbone
 
 from .attention import patch_distances
 

@@ -232,9 +232,10 @@ def _saved_state(run) -> tuple[int, dict]:
 
 
 def test_nonfinite_loss_stops_before_anything_is_saved(tmp_path, monkeypatch):
+    """The host reads the finite flags before every save, not only at log steps (here 5)."""
     _poison_call(monkeypatch, 3)
     with pytest.raises(NonFiniteError, match="step 2.*Last good state: .*step-2"):
-        _recipe(tmp_path / "run", "--steps", "6", "--save-every", "2")
+        _recipe(tmp_path / "run", "--steps", "6", "--save-every", "2", "--log-every", "5")
     assert not (tmp_path / "run" / "ckpt.pt").exists()
     step, weights = _saved_state(tmp_path / "run")
     assert step == 2 and all(torch.isfinite(v).all() for v in weights.values())

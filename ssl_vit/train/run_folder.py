@@ -150,9 +150,10 @@ class StateFolder:
                                   "to train from step 0")
         return path
 
-    def save(self, step: int, skipped_steps: int = 0) -> None:
-        """The state after optimizer step ``step``; ``skipped_steps``: the non-finite steps skipped so
-        far, whose batches were used up too (the data position is ``step + skipped_steps``)."""
+    def save(self, step: int, skipped_steps: int = 0, extra_batches: int = 0) -> None:
+        """The state after optimizer step ``step``; ``skipped_steps``: the steps whose non-finite update
+        was dropped so far; ``extra_batches``: batches used beyond the steps (the data position is
+        ``step + extra_batches``; only states saved before skipped steps counted as steps have any)."""
         name = f"step-{step}"
         tmp, final = os.path.join(self.root, f".{name}.tmp"), os.path.join(self.root, name)
         if self.acc.is_main_process and os.path.exists(tmp):
@@ -167,7 +168,7 @@ class StateFolder:
             raise DiskFullError(tmp, f"; the last good state is kept ({self.latest() or 'none yet'})") from err
         if self.acc.is_main_process:
             with open(os.path.join(tmp, "progress.json"), "w") as fh:
-                json.dump({"step": step, "skipped_steps": skipped_steps}, fh)
+                json.dump({"step": step, "nonfinite_steps": skipped_steps, "extra_batches": extra_batches}, fh)
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -177,13 +178,17 @@ class StateFolder:
                     shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
         self.acc.wait_for_everyone()
 
-    def load(self) -> tuple[int, int]:
-        """(step, skipped steps) of the latest saved state, loaded into the accelerator; (0, 0) if none."""
+    def load(self) -> tuple[int, int, int]:
+        """(step, skipped steps, extra batches) of the latest saved state, loaded into the accelerator;
+        (0, 0, 0) if none. An older state's ``skipped_steps`` is both: its skipped steps were retried
+        on the next batches."""
         path = self.latest()
         if path is None:
-            return 0, 0
+            return 0, 0, 0
         check_random_states(path, self.acc.process_index)
         self.acc.load_state(path)
         with open(os.path.join(path, "progress.json")) as fh:
             progress = json.load(fh)
-        return int(progress["step"]), int(progress.get("skipped_steps", 0))
+        old = progress.get("skipped_steps", 0)
+        return (int(progress["step"]), int(progress.get("nonfinite_steps", old)),
+                int(progress.get("extra_batches", old)))

@@ -22,7 +22,8 @@ TINY_DINO = ["--model", "vit_tiny", "--depth", "1", "--patch-size", "4", "--img-
 
 def _dino(out, *extra) -> Trainer:
     cls = get_objective("dino")
-    trainer = Trainer(parse_run_config("dino", cls.Config, cls.recipe_defaults, [*TINY_DINO, "--out", str(out), *extra]))
+    argv = [*TINY_DINO, "--out", str(out), *extra]
+    trainer = Trainer(parse_run_config("dino", cls.Config, cls.recipe_defaults, argv))
     trainer.lock.release()
     return trainer
 

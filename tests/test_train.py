@@ -248,6 +248,7 @@ def test_nonfinite_step_can_be_skipped_and_counted(tmp_path, monkeypatch, capsys
     assert load_checkpoint(path)["step"] == 4
     assert "skipped 1 steps with a non-finite loss" in capsys.readouterr().out
     assert all(torch.isfinite(v).all() for v in _state_dicts(load_checkpoint(path)).values())
+    assert all(math.isfinite(r["loss"]) for r in _records(tmp_path / "run") if "loss" in r)  # its loss left out
 
 
 def _cli(out, data, steps=30, save_every=2):

@@ -29,10 +29,10 @@ from ..errors import ConfigError
 from ..objectives import DataInfo, Objective, StepInfo, get_objective
 from .metrics_log import MetricLog
 from .nonfinite import NonFiniteError, NonFiniteSteps
-from .optim import build_optimizer, build_schedule
+from .optim import build_optimizer, build_schedule, fused_by_default
 from .launch import check_launch, die_with_launcher, resolve_precision, training_device
 from .pipeline import DataPipeline, Shard
-from .run_folder import CKPT_FILE, RunLock, StateFolder, check_config, default_out, write_config
+from .run_folder import CKPT_FILE, RunLock, StateFolder, check_config, check_shared, default_out, write_config
 from .step import optimizer_step, to_device
 from .summary import run_summary
 from .trackers import build_trackers, check_installed, start_trackers
@@ -75,7 +75,7 @@ class Trainer:
         transform = objective_cls.train_transform(tc, run.objective_config, self.data_info)
         self.data = DataPipeline(run, self.source, objective_cls, transform, shard)
         self.steps_per_epoch = self.data.steps_per_epoch
-        optimizer = build_optimizer(self.objective, tc)
+        optimizer = build_optimizer(self.objective, tc, fused_by_default(tc, self.acc.device))
         self.scheduler = build_schedule(optimizer, tc)
         self.model, self.optimizer = self.acc.prepare(self.objective, optimizer)
         # The model was built from the same seed everywhere; from here each process draws its own masks,
@@ -96,13 +96,19 @@ class Trainer:
                 self.lock.release()
                 raise
         self.acc.wait_for_everyone()
+        try:
+            check_shared(self.out, self.acc)
+        except BaseException:
+            self.lock.release()
+            raise
 
     def _shard(self) -> Shard:
         tc, acc = self.run_cfg.train, self.acc
         per_step = acc.num_processes * tc.grad_accum
         if tc.batch_size % per_step:
             raise ConfigError(f"--batch-size {tc.batch_size} must be divisible by processes x --grad-accum = {per_step}")
-        return Shard(acc.process_index, acc.num_processes, tc.batch_size // per_step, acc.device.type == "cuda")
+        return Shard(acc.process_index, acc.num_processes, tc.batch_size // per_step, acc.device.type == "cuda",
+                     acc.device)
 
     def _source(self, objective_cls) -> DataSource:
         """The run's data, checked against what the objective needs; cut to --label-fraction."""

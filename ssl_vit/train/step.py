@@ -79,7 +79,8 @@ def end_step_unless(bad: torch.Tensor, hooks, info: StepInfo) -> None:
     """The objective's ``end_step`` (an EMA teacher, a centre), undone on the device where ``bad``:
     the tensors it names in ``step_state()`` are copied before and restored after by ``torch.where``."""
     state = list(getattr(hooks, "step_state", list)())
-    before = [t.clone() for t in state]
+    with torch.no_grad():
+        before = [t.clone() for t in state]
     hooks.end_step(info)
     with torch.no_grad():
         for t, old in zip(state, before):

@@ -171,9 +171,9 @@ class Trainer:
     # ----- the loop -----
     def _check_nonfinite(self) -> None:
         """--on-nonfinite on the steps since the last check (the host's one read of their flags)."""
-        for bad in self.nonfinite.check(self.state.latest()):
-            self.acc.print(f"step {bad}: non-finite loss or gradient, update skipped "
-                           f"({self.nonfinite.skipped} so far)")
+        bad = self.nonfinite.check(self.state.latest)
+        for n, step in enumerate(bad, self.nonfinite.skipped - len(bad) + 1):
+            self.acc.print(f"step {step}: non-finite loss or gradient, update skipped ({n} so far)")
 
     def _after_step(self, step: int, end: int, epoch: int, bar) -> None:
         """Log, evaluate and save as due after optimizer step ``step`` (1-based); the non-finite

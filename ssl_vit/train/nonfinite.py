@@ -4,6 +4,8 @@ device: ``step.optimizer_step``), so nothing a non-finite step touched is saved.
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 from .step import StepResult
@@ -29,9 +31,9 @@ class NonFiniteSteps:
         """Optimizer step ``step`` (0-based); no host sync."""
         self._pending.append((step, result))
 
-    def check(self, last_good: str) -> list[int]:
+    def check(self, last_good: Callable[[], Optional[str]]) -> list[int]:
         """The non-finite steps since the last check, counted (skip) or raised (``NonFiniteError``,
-        naming the step and ``last_good``, the state a new run may start from)."""
+        naming the step and ``last_good()``, the state a new run may start from)."""
         if not self._pending:
             return []
         flags = torch.stack([r.finite for _, r in self._pending]).tolist()
@@ -41,12 +43,12 @@ class NonFiniteSteps:
             if finite:
                 continue
             if self.policy == "stop" or self.in_a_row > self.max_in_a_row:
-                raise self._error(step, result, last_good)
+                raise self._error(step, result, last_good())
             bad.append(step)
         self.skipped += len(bad)
         return bad
 
-    def _error(self, step: int, result: StepResult, last_good: str) -> NonFiniteError:
+    def _error(self, step: int, result: StepResult, last_good: Optional[str]) -> NonFiniteError:
         in_a_row = f" after skipping {self.max_in_a_row} in a row" if self.policy == "skip" else ""
         return NonFiniteError(
             f"non-finite loss or gradient at step {step}{in_a_row} (loss {result.loss.item()}, grad norm "

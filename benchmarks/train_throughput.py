@@ -135,6 +135,8 @@ class Trainee:
     before_optimizer_step: Callable[[StepInfo], None]
     end_step: Callable[[StepInfo], None]
     note: str = ""
+    step_state: Callable[[], list] = list  # the tensors end_step changes (ours: restored after a non-finite step)
+    finite: Optional[torch.Tensor] = None  # 0-d bool: every step so far was finite; read after a turn
 
     def __post_init__(self):
         self.module = torch.compile(self.eager) if self.spec.compile else self.eager
@@ -189,7 +191,8 @@ def build_trainee(spec: Spec) -> Trainee:
         return Trainee(spec, objective, lambda m, b: m(b)[0], batch, optimizer, run.train.clip_grad,
                        run.train.clip_grad_mode,
                        start_step=lambda i: objective.start_step(i, optimizer),
-                       before_optimizer_step=objective.before_optimizer_step, end_step=objective.end_step)
+                       before_optimizer_step=objective.before_optimizer_step, end_step=objective.end_step,
+                       step_state=objective.step_state)
     builder = dict(REFERENCES.get(spec.objective, []))[spec.impl]
     with torch.device("meta"):  # our backbone's geometry, without allocating its weights
         geometry = Geometry.of(build_backbone(run.backbone))
@@ -206,16 +209,22 @@ def build_trainee(spec: Spec) -> Trainee:
 def train_step(t: Trainee, step: int, audit: Optional[SyncAudit] = None, eager: bool = False) -> None:
     """The trainer's own optimizer step (``ssl_vit.train.step.optimizer_step``: forward and backward,
     the hooks, clipping, the finite check, the update) on the trainee's batch. ``eager``: run the
-    uncompiled module (what the FLOP counter and the sync audit can see)."""
+    uncompiled module (what the FLOP counter and the sync audit can see). Its finite flag is kept on
+    the device, as the trainer keeps it; ``check_finite`` reads it."""
     info = dataclasses.replace(STEP_HORIZON, step=step)
     module = t.eager if eager else t.module
     hooks = SimpleNamespace(start_step=lambda i, _: t.start_step(i), before_optimizer_step=t.before_optimizer_step,
-                            end_step=t.end_step)
+                            end_step=t.end_step, step_state=t.step_state)
     result = optimizer_step(t.acc, t.eager, hooks, t.optimizer, [dict(t.batch)], info, t.clip_grad, t.clip_mode,
                             forward=lambda batch: (t.loss(module, batch), {}),
                             host_sync=audit.ignoring if audit else nullcontext)  # its syncs are the loop's own
-    if not result.finite:
-        raise FloatingPointError(f"non-finite loss or gradient at step {step}")
+    t.finite = result.finite if t.finite is None else t.finite & result.finite
+
+
+def check_finite(t: Trainee) -> None:
+    """Raise if a step since the trainee was built had a non-finite loss or gradient (a host sync)."""
+    if t.finite is not None and not t.finite:
+        raise FloatingPointError(f"{t.spec.label}: a non-finite loss or gradient")
 
 
 # ----- measurements -----
@@ -227,6 +236,7 @@ def warm_up(t: Trainee, steps: int) -> dict:
     for step in range(1, max(steps, 2 if t.spec.compile else 1)):
         train_step(t, step)
     synchronize(torch.device(t.spec.device))
+    check_finite(t)
     return out
 
 
@@ -253,6 +263,7 @@ def time_interleaved(trainees: list[Trainee], rounds: int, steps: int, min_secon
                     if done >= steps and min_seconds:
                         synchronize(device)
                 synchronize(device)
+                check_finite(t)
             except Exception as err:  # e.g. out of memory at a later step: record it
                 failed[t.spec.label] = _describe(err)
                 continue
@@ -273,6 +284,7 @@ def _memory_probe(spec: Spec, steps: int, threads: int) -> int:
         t = build_trainee(spec)
         for step in range(steps):
             train_step(t, step)
+        check_finite(t)
 
     return peak_training_memory(torch.device(spec.device), build_and_train)
 

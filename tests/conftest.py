@@ -68,8 +68,10 @@ def free_port() -> str:
 
 
 def launch_processes(num_processes: int, objective: str, argv: list[str], timeout: float = 300,
-                     recipe_defaults: bool = False, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    """Run a recipe in ``num_processes`` real CPU processes (gloo) and return the finished command.
+                     recipe_defaults: bool = False, env: Optional[dict] = None, cwd: Optional[str] = None,
+                     check: bool = True) -> subprocess.CompletedProcess:
+    """Run a recipe in ``num_processes`` real CPU processes (gloo) and return the finished command
+    (``check``: asserted to have succeeded on every process).
 
     ``accelerate launch --cpu --num_processes N`` silently starts one process; ``--multi_gpu`` with
     ``ACCELERATE_USE_CPU`` starts N. ``distributed_run.py`` exits with an error, inside the run,
@@ -82,7 +84,9 @@ def launch_processes(num_processes: int, objective: str, argv: list[str], timeou
            str(Path(__file__).parent / "distributed_run.py"), str(num_processes), objective,
            *(["--recipe-defaults"] if recipe_defaults else []), *argv]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if not check:
+        return done
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     # the processes print at once: their lines can run together, so match the words, not lines
     ranks = sorted(re.findall(r"rank (\d+) of (\d+)", done.stdout))

@@ -4,6 +4,8 @@
 
 ``--recipe-defaults``: start from the objective's recipe defaults (else from the configs' own).
 ``PRINT_FIRST_MASK=1``: each process prints a digest of the first random masking it draws.
+``RANK1_CWD=DIR``: process 1 runs in DIR, so a relative ``--out`` is another folder there (a second
+machine with its own disk).
 
 Used by ``conftest.launch_processes``: ``accelerate launch --cpu --num_processes 2`` silently
 starts ONE process, so a multi-process test must check inside the run how many there are.
@@ -40,6 +42,8 @@ if __name__ == "__main__":
     if state.num_processes != expected:
         sys.exit(f"world size {state.num_processes}, expected {expected}: the launcher did not start the processes")
     print(f"rank {state.process_index} of {state.num_processes}", flush=True)
+    if os.environ.get("RANK1_CWD") and state.process_index == 1:
+        os.chdir(os.environ["RANK1_CWD"])
     if os.environ.get("PRINT_FIRST_MASK"):
         print_first_mask(state.process_index)
     run_recipe(objective, None if recipe else {}, argv=argv[1:] if recipe else argv)

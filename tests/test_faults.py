@@ -135,7 +135,7 @@ def _always_nan(monkeypatch):
 @pytest.mark.timeout(120)
 def test_skipping_non_finite_steps_stops_after_a_run_of_them(tmp_path, monkeypatch):
     _always_nan(monkeypatch)
-    with pytest.raises(NonFiniteError, match="at step 0 after skipping 3 in a row"):
+    with pytest.raises(NonFiniteError, match="at step 3 after skipping 3 in a row"):
         _run(tmp_path / "run", "--steps", "4", "--on-nonfinite", "skip", "--max-skipped-steps", "3")
 
 

@@ -232,9 +232,10 @@ def _saved_state(run) -> tuple[int, dict]:
 
 
 def test_nonfinite_loss_stops_before_anything_is_saved(tmp_path, monkeypatch):
+    """The host reads the finite flags before every save, not only at log steps (here 5)."""
     _poison_call(monkeypatch, 3)
     with pytest.raises(NonFiniteError, match="step 2.*Last good state: .*step-2"):
-        _recipe(tmp_path / "run", "--steps", "6", "--save-every", "2")
+        _recipe(tmp_path / "run", "--steps", "6", "--save-every", "2", "--log-every", "5")
     assert not (tmp_path / "run" / "ckpt.pt").exists()
     step, weights = _saved_state(tmp_path / "run")
     assert step == 2 and all(torch.isfinite(v).all() for v in weights.values())
@@ -247,6 +248,7 @@ def test_nonfinite_step_can_be_skipped_and_counted(tmp_path, monkeypatch, capsys
     assert load_checkpoint(path)["step"] == 4
     assert "skipped 1 steps with a non-finite loss" in capsys.readouterr().out
     assert all(torch.isfinite(v).all() for v in _state_dicts(load_checkpoint(path)).values())
+    assert all(math.isfinite(r["loss"]) for r in _records(tmp_path / "run") if "loss" in r)  # its loss left out
 
 
 def _cli(out, data, steps=30, save_every=2):

@@ -81,6 +81,10 @@ class Objective(nn.Module):
     def end_step(self, info: StepInfo) -> None:
         """After the optimizer step (EMA teachers, centres); once per step, whatever the accumulation."""
 
+    def step_state(self) -> list[torch.Tensor]:
+        """The tensors ``end_step`` changes; a non-finite step restores them on the device."""
+        return []
+
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         """Sums over a test batch (e.g. correct and count); only called when ``has_test_metric``."""
         raise NotImplementedError

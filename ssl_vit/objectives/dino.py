@@ -216,6 +216,9 @@ class DINO(TeacherObjective):
         self.update_teacher(info.step, info.total_steps)
         self.watch.end_step()
 
+    def step_state(self) -> list[torch.Tensor]:
+        return [*super().step_state(), self.center]
+
     def summary(self) -> list[str]:
         if self.watch.last is None:
             return []

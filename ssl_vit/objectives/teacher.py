@@ -138,6 +138,9 @@ class TeacherObjective(Objective):
         m = self.teacher_momentum(step, total_steps)
         torch._foreach_lerp_(list(self._teacher_parameters()), [s.detach() for s in self._student_parameters()], 1.0 - m)
 
+    def step_state(self) -> list[torch.Tensor]:
+        return list(self._teacher_parameters())
+
     def schedule_weight_decay(self, optimizer: torch.optim.Optimizer, progress: float) -> None:
         """Weight decay on a cosine from --weight-decay to ``cfg.weight_decay_end`` (the groups that
         decay at all), as DINO's and MSN's recipes."""

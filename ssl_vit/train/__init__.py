@@ -28,19 +28,16 @@ from ..data.subsets import labelled_fraction
 from ..errors import ConfigError
 from ..objectives import DataInfo, Objective, StepInfo, get_objective
 from .metrics_log import MetricLog
-from .optim import build_optimizer, build_schedule
+from .nonfinite import NonFiniteError, NonFiniteSteps
+from .optim import build_optimizer, build_schedule, fused_by_default
 from .launch import check_launch, die_with_launcher, resolve_precision, training_device
 from .pipeline import DataPipeline, Shard
-from .run_folder import CKPT_FILE, RunLock, StateFolder, check_config, default_out, write_config
-from .step import StepResult, optimizer_step, to_device
+from .run_folder import CKPT_FILE, RunLock, StateFolder, check_config, check_shared, default_out, write_config
+from .step import optimizer_step, to_device
 from .summary import run_summary
 from .trackers import build_trackers, check_installed, start_trackers
 
 __all__ = ["NonFiniteError", "Trainer", "default_out", "run_recipe", "train"]
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN or infinite loss or gradient; raised before anything bad reaches a checkpoint."""
 
 
 def plain(model: torch.nn.Module, acc: Accelerator) -> Objective:
@@ -78,7 +75,7 @@ class Trainer:
         transform = objective_cls.train_transform(tc, run.objective_config, self.data_info)
         self.data = DataPipeline(run, self.source, objective_cls, transform, shard)
         self.steps_per_epoch = self.data.steps_per_epoch
-        optimizer = build_optimizer(self.objective, tc)
+        optimizer = build_optimizer(self.objective, tc, fused_by_default(tc, self.acc.device))
         self.scheduler = build_schedule(optimizer, tc)
         self.model, self.optimizer = self.acc.prepare(self.objective, optimizer)
         # The model was built from the same seed everywhere; from here each process draws its own masks,
@@ -88,7 +85,8 @@ class Trainer:
             self.model = torch.compile(self.model)  # state Accelerate saves keeps plain names: resumes either way
         self.state, self.log = StateFolder(self.out, self.acc), MetricLog(self.acc, self.out)
         self.lock = RunLock(self.out)
-        self.skipped_steps = self.skipped_in_a_row = self.skipped_images = 0
+        self.nonfinite, self.skipped_images = NonFiniteSteps(tc.on_nonfinite, tc.max_skipped_steps), 0
+        self.extra_batches = 0  # batches used beyond the steps (a state saved before skipped steps counted)
         if self.acc.is_main_process:  # every setting, the data and --init checked: the folder is written
             os.makedirs(self.out, exist_ok=True)
             self.lock.acquire()  # held until run() ends
@@ -98,13 +96,19 @@ class Trainer:
                 self.lock.release()
                 raise
         self.acc.wait_for_everyone()
+        try:
+            check_shared(self.out, self.acc)
+        except BaseException:
+            self.lock.release()
+            raise
 
     def _shard(self) -> Shard:
         tc, acc = self.run_cfg.train, self.acc
         per_step = acc.num_processes * tc.grad_accum
         if tc.batch_size % per_step:
             raise ConfigError(f"--batch-size {tc.batch_size} must be divisible by processes x --grad-accum = {per_step}")
-        return Shard(acc.process_index, acc.num_processes, tc.batch_size // per_step, acc.device.type == "cuda")
+        return Shard(acc.process_index, acc.num_processes, tc.batch_size // per_step, acc.device.type == "cuda",
+                     acc.device)
 
     def _source(self, objective_cls) -> DataSource:
         """The run's data, checked against what the objective needs; cut to --label-fraction."""
@@ -165,32 +169,29 @@ class Trainer:
         return path
 
     # ----- the loop -----
-    def _handle_nonfinite(self, step: int, result: StepResult) -> None:
-        """--on-nonfinite stop: raise before anything is saved; skip: count the skipped step, and stop
-        after --max-skipped-steps in a row."""
-        tc = self.run_cfg.train
-        self.skipped_in_a_row += 1
-        if tc.on_nonfinite == "stop" or self.skipped_in_a_row > tc.max_skipped_steps:
-            in_a_row = f" after skipping {tc.max_skipped_steps} in a row" if tc.on_nonfinite == "skip" else ""
-            raise NonFiniteError(
-                f"non-finite loss or gradient at step {step}{in_a_row} (loss {result.loss.item()}, grad norm "
-                f"{result.grad_norm.item()}); nothing was saved from it. Last good state: "
-                f"{self.state.latest() or 'none'}. Start a new run (--out) with a lower --lr, use --precision bf16 "
-                "instead of fp16" + (", or pass --on-nonfinite skip" if tc.on_nonfinite == "stop" else ""))
-        self.skipped_steps += 1
-        self.acc.print(f"step {step}: non-finite loss or gradient, step skipped ({self.skipped_steps} so far)")
+    def _check_nonfinite(self) -> None:
+        """--on-nonfinite on the steps since the last check (the host's one read of their flags)."""
+        bad = self.nonfinite.check(self.state.latest)
+        for n, step in enumerate(bad, self.nonfinite.skipped - len(bad) + 1):
+            self.acc.print(f"step {step}: non-finite loss or gradient, update skipped ({n} so far)")
 
     def _after_step(self, step: int, end: int, epoch: int, bar) -> None:
-        """Log, evaluate and save as due after optimizer step ``step`` (1-based)."""
+        """Log, evaluate and save as due after optimizer step ``step`` (1-based); the non-finite
+        steps since the last of these are handled first, so none reaches a save."""
         tc = self.run_cfg.train
-        if step % tc.log_every == 0 or step == end:
+        log = step % tc.log_every == 0 or step == end
+        evaluate = tc.eval_every and step % tc.eval_every == 0 and step < end
+        save = (tc.save_every and step % tc.save_every == 0) or step == end
+        if log or evaluate or save:
+            self._check_nonfinite()
+        if log:
             record = self.log.record(step, epoch, max(g["lr"] for g in self.optimizer.param_groups))
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             img_s=f"{record['images_per_s']:.0f}")
-        if tc.eval_every and step % tc.eval_every == 0 and step < end:
+        if evaluate:
             self._report(self.evaluate(), step, f"step {step}: ")
-        if (tc.save_every and step % tc.save_every == 0) or step == end:
-            self.state.save(step, self.skipped_steps)
+        if save:
+            self.state.save(step, self.nonfinite.skipped, self.extra_batches)
 
     def _report(self, results: Optional[dict], step: int, prefix: str = "", suffix: str = "") -> None:
         if results:
@@ -203,18 +204,14 @@ class Trainer:
         bar = tqdm(total=end, initial=min(step, end), desc=self.run_cfg.objective,
                    disable=not self.acc.is_local_main_process)
         self.model.train()
-        # the batches of skipped steps were used up too
-        for epoch, group in self.data.micro_batches(step + self.skipped_steps) if step < end else ():
+        for epoch, group in self.data.micro_batches(step + self.extra_batches) if step < end else ():
             info = StepInfo(step, tc.steps, epoch, self.steps_per_epoch)
             self.scheduler.step_update(step + 1)  # lr of this step: warmup from lr/warmup, cosine to min_lr
             result = optimizer_step(self.acc, self.model, objective, self.optimizer, group, info, tc.clip_grad,
                                     tc.clip_grad_mode)
             self.skipped_images += result.skipped_images
-            if not result.finite:
-                self._handle_nonfinite(step, result)
-                continue
+            self.nonfinite.add(step, result)
             self.log.add(result)
-            self.skipped_in_a_row = 0
             step += 1
             bar.update(1)
             self._after_step(step, end, epoch, bar)
@@ -231,7 +228,7 @@ class Trainer:
 
     def _run(self) -> str:
         tc, acc = self.run_cfg.train, self.acc
-        step, self.skipped_steps = self.state.load()
+        step, self.nonfinite.skipped, self.extra_batches = self.state.load()
         if step:
             acc.print(f"resuming {self.out} at step {step}/{tc.steps}")
         self.log.truncate_after(step)  # records of steps after the saved state were re-run (or never saved)
@@ -243,8 +240,8 @@ class Trainer:
         self._report(results, step, suffix=f" at step {step}")
         if self.skipped_images:
             acc.print(f"skipped {self.skipped_images} unreadable images (--skip-bad-images)")
-        if self.skipped_steps:
-            acc.print(f"skipped {self.skipped_steps} steps with a non-finite loss or gradient")
+        if self.nonfinite.skipped:
+            acc.print(f"skipped {self.nonfinite.skipped} steps with a non-finite loss or gradient")
         for line in plain(self.model, acc).summary():
             acc.print(line)
         path = self._write_checkpoint(step, results)

@@ -31,17 +31,18 @@ class MetricLog:
 
     def _reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
+        self.steps, self.images, self.t0 = 0, 0, time.perf_counter()  # steps: finite ones, on the device
 
     def add(self, result: StepResult) -> None:
-        """Add a finished (finite) step; no host sync."""
+        """Add a step, its metrics only if finite (a skipped step's are left out); no host sync."""
         for k, v in {**result.metrics, "loss": result.loss, "grad_norm": result.grad_norm}.items():
-            self.sums[k] = self.sums.get(k, 0) + v
-        self.steps += 1
+            self.sums[k] = self.sums.get(k, 0) + torch.where(result.finite, v, 0.0)
+        self.steps = self.steps + result.finite.float()
         self.images += result.images
 
     def record(self, step: int, epoch: int, lr: float) -> dict:
-        """The means since the last record, over the steps and all processes; written and returned."""
+        """The means since the last record, over the finite steps and all processes (NaN when every step
+        was skipped); written and returned. The host reads them here, not in between."""
         dt = time.perf_counter() - self.t0
         record = {"step": step, "epoch": epoch, "lr": lr,
                   "images_per_s": self.images * self.acc.num_processes / max(dt, 1e-9)}

@@ -24,11 +24,17 @@ def scaled_lr(tc: TrainConfig) -> float:
     return tc.lr * (math.sqrt(ratio) if tc.lr_scaling == "sqrt" else ratio)
 
 
+def fused_by_default(tc: TrainConfig, device: torch.device) -> bool:
+    """Adam and AdamW fused on CPUs and GPUs; not on a TPU (torch_xla has no fused kernel for them)."""
+    return tc.optimizer in FUSED and device.type != "xla"
+
+
 def build_optimizer(model: nn.Module, tc: TrainConfig, fused: Optional[bool] = None) -> torch.optim.Optimizer:
     """timm's optimizer with its parameter groups (no weight decay on biases, norms, tokens and position
     embeddings; ``model.no_weight_decay()`` and ``group_matcher`` for --layer-decay) at the scaled lr.
-    ``fused`` (default: for Adam and AdamW, on CPUs and GPUs): one kernel for all parameters
-    (``benchmarks/train_throughput.py --fused`` measures the difference)."""
+    ``fused`` (default: for Adam and AdamW; the trainer passes ``fused_by_default``): one kernel for all
+    parameters, and no host sync in a step (``step.takes_found_inf``); ``benchmarks/train_throughput.py
+    --fused`` measures the difference."""
     kwargs = {"betas": tuple(tc.betas)} if any(k in tc.optimizer for k in ("adam", "lamb")) else {}
     if fused if fused is not None else tc.optimizer in FUSED:
         kwargs["fused"] = True

@@ -4,8 +4,9 @@ the micro-batches of every optimizer step from any step on (exact resume)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
+import torch
 from datasets import IterableDataset
 from torch.utils.data import DataLoader
 
@@ -17,27 +18,42 @@ STREAM_EPOCH_STEPS = 1_000  # "epoch" length of a stream whose size is unknown (
 
 @dataclass
 class Shard:
-    """Where this process sits: its rank among ``world`` processes, its micro-batch, pinned memory."""
+    """Where this process sits: its rank among ``world`` processes, its micro-batch, pinned memory,
+    its device."""
 
     rank: int = 0
     world: int = 1
     micro_batch: int = 1
     pin_memory: bool = False
+    device: torch.device = torch.device("cpu")
+
+
+def device_loader(loader: DataLoader, device: torch.device) -> Iterable:
+    """The loader as the device expects it: on a TPU, torch_xla's ``MpDeviceLoader`` (batches moved to
+    the device in background threads), what ``accelerator.prepare`` would wrap a loader in; ours are
+    not prepared (they resume at any step) and the wrapper keeps their order. Elsewhere the loader."""
+    if device.type != "xla":
+        return loader
+    from torch_xla.distributed.parallel_loader import MpDeviceLoader
+
+    return MpDeviceLoader(loader, device)
 
 
 def split_loader(split, source: DataSource, label_column: Optional[str], transform, run: RunConfig, shard: Shard,
-                 train: bool) -> tuple[DataLoader, Union[EpochSampler, StreamingImageDataset]]:
+                 train: bool) -> tuple[Iterable, Union[EpochSampler, StreamingImageDataset]]:
     """A loader over one split, map-style or streamed, and what positions it (the sampler, or the
     stream itself). Train: shuffled, whole optimizer steps, endless stream; test: in order, all of it."""
     tc = run.train
     args = (source.image_column, label_column, transform, tc.seed, tc.skip_bad_images, "train" if train else "test")
     if isinstance(split, IterableDataset):  # streamed: read in this process (datasets shards by file in workers)
         ds = StreamingImageDataset(split, *args, rank=shard.rank, world_size=shard.world, repeat=train)
-        return make_loader(ds, None, 0, shard.pin_memory, shard.micro_batch, drop_last=train), ds
+        return device_loader(make_loader(ds, None, 0, shard.pin_memory, shard.micro_batch, drop_last=train),
+                             shard.device), ds
     ds = ImageDataset(split, *args)
     sampler = EpochSampler(len(ds), shard.micro_batch, tc.seed, train, shard.rank, shard.world, train,
                            tc.grad_accum if train else 1)
-    return make_loader(ds, sampler, tc.num_workers, shard.pin_memory, persistent=train), sampler
+    return device_loader(make_loader(ds, sampler, tc.num_workers, shard.pin_memory, persistent=train),
+                         shard.device), sampler
 
 
 def _num_examples(ds) -> Optional[int]:

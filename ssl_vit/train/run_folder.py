@@ -2,8 +2,8 @@
 
 ``config.json`` (a folder whose saved state belongs to another run is refused), ``state/step-N``
 written by ``accelerator.save_state`` behind a ``latest`` pointer (atomic: a crash never leaves a
-half state), ``.lock``, held by the one process that trains in the folder, and ``trackers.json``
-(the tracker run ids: ``trackers``).
+half state), ``.lock``, held by the one process that trains in the folder, ``trackers.json``
+(the tracker run ids: ``trackers``) and ``.shared``, which every process must see (``check_shared``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import fcntl
 import json
 import os
 import shutil
+import time
+import uuid
 from typing import Optional
 
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 
 from ..checkpoint import ADDED_OBJECTIVE_SETTINGS, CheckpointError, DiskFullError, atomic_write, disk_full
 from ..config import RunConfig
@@ -23,6 +26,7 @@ from ..names import folder_safe
 
 CONFIG_FILE, METRICS_FILE, CKPT_FILE, STATE_DIR = "config.json", "metrics.jsonl", "ckpt.pt", "state"
 TRACKERS_FILE = "trackers.json"  # the W&B and MLflow run ids that a resumed run continues
+SHARED_FILE, SHARED_WAIT_S = ".shared", 3.0  # a token the main process writes; how long others look for it
 # Settings that may change between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = {"out", "save_every", "log_every", "eval_every", "num_workers", "compile", "skip_bad_images",
                      "stop_at", "max_skipped_steps", "report_to"}
@@ -113,6 +117,42 @@ class RunLock:
             self.fd = None
 
 
+def _sees(path: str, token: str, wait_s: float) -> bool:
+    """Whether ``path`` holds ``token`` within ``wait_s`` (a network filesystem may show it late)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(path) as fh:
+                if fh.read() == token:
+                    return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def check_shared(out: str, acc: Accelerator, wait_s: float = SHARED_WAIT_S) -> None:
+    """Several processes share one run folder: the main process writes config.json, the state and
+    ckpt.pt, and every process reads the state back on resume. Refuse when some process does not
+    see ``out`` (machines each with their own disk) instead of resuming them from different steps:
+    the main process writes a fresh token there and every process must read it. Call after the main
+    process created ``out``; raises the same ``ConfigError`` on every process."""
+    if acc.num_processes == 1:
+        return
+    token = broadcast_object_list([uuid.uuid4().hex if acc.is_main_process else None])[0]
+    path = os.path.join(out, SHARED_FILE)
+    if acc.is_main_process:
+        atomic_write(path, lambda tmp: open(tmp, "w").write(token))
+    acc.wait_for_everyone()
+    blind = [rank for rank, seen in enumerate(gather_object([_sees(path, token, wait_s)])) if not seen]
+    if blind:
+        raise ConfigError(f"process {', '.join(map(str, blind))} does not see the run folder "
+                          f"{os.path.abspath(out)} that process 0 writes (each machine has its own disk?): "
+                          "training on several machines needs --out on a filesystem every machine mounts "
+                          "(NFS, Lustre, a shared cloud volume)")
+
+
 def check_random_states(state: str, rank: int) -> None:
     """Accelerate skips random states it cannot read and resumes with others, silently; refuse
     instead, since the resumed run would not be the interrupted one. Read as Accelerate reads them
@@ -150,9 +190,10 @@ class StateFolder:
                                   "to train from step 0")
         return path
 
-    def save(self, step: int, skipped_steps: int = 0) -> None:
-        """The state after optimizer step ``step``; ``skipped_steps``: the non-finite steps skipped so
-        far, whose batches were used up too (the data position is ``step + skipped_steps``)."""
+    def save(self, step: int, skipped_steps: int = 0, extra_batches: int = 0) -> None:
+        """The state after optimizer step ``step``; ``skipped_steps``: the steps whose non-finite update
+        was dropped so far; ``extra_batches``: batches used beyond the steps (the data position is
+        ``step + extra_batches``; only states saved before skipped steps counted as steps have any)."""
         name = f"step-{step}"
         tmp, final = os.path.join(self.root, f".{name}.tmp"), os.path.join(self.root, name)
         if self.acc.is_main_process and os.path.exists(tmp):
@@ -167,7 +208,7 @@ class StateFolder:
             raise DiskFullError(tmp, f"; the last good state is kept ({self.latest() or 'none yet'})") from err
         if self.acc.is_main_process:
             with open(os.path.join(tmp, "progress.json"), "w") as fh:
-                json.dump({"step": step, "skipped_steps": skipped_steps}, fh)
+                json.dump({"step": step, "nonfinite_steps": skipped_steps, "extra_batches": extra_batches}, fh)
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -177,13 +218,17 @@ class StateFolder:
                     shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
         self.acc.wait_for_everyone()
 
-    def load(self) -> tuple[int, int]:
-        """(step, skipped steps) of the latest saved state, loaded into the accelerator; (0, 0) if none."""
+    def load(self) -> tuple[int, int, int]:
+        """(step, skipped steps, extra batches) of the latest saved state, loaded into the accelerator;
+        (0, 0, 0) if none. An older state's ``skipped_steps`` is both: its skipped steps were retried
+        on the next batches."""
         path = self.latest()
         if path is None:
-            return 0, 0
+            return 0, 0, 0
         check_random_states(path, self.acc.process_index)
         self.acc.load_state(path)
         with open(os.path.join(path, "progress.json")) as fh:
             progress = json.load(fh)
-        return int(progress["step"]), int(progress.get("skipped_steps", 0))
+        old = progress.get("skipped_steps", 0)
+        return (int(progress["step"]), int(progress.get("nonfinite_steps", old)),
+                int(progress.get("extra_batches", old)))

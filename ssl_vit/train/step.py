@@ -1,5 +1,10 @@
 """One optimizer step: forward and backward over the step's micro-batches, the objective's hooks,
-clipping, the finite check and the update. Used by the trainer, and usable alone (the benchmark)."""
+clipping, the finite check and the update. Used by the trainer, and usable alone (the benchmark).
+
+The finite check needs no host sync where the optimizer takes a ``found_inf`` flag (torch's fused
+Adam and AdamW, as ``torch.amp.GradScaler`` drives them): the host never waits for the device in a
+step, and learns of a non-finite one when it reads ``StepResult.finite`` (the trainer: at log and
+save steps). Other optimizers, and fp16 (its scaler calls the optimizer), read the flag every step."""
 
 from __future__ import annotations
 
@@ -17,11 +22,11 @@ from ..objectives import StepInfo
 
 @dataclass
 class StepResult:
-    """What a step did; tensors stay on the device (no host sync beyond the finite check)."""
+    """What a step did; tensors stay on the device."""
 
     loss: torch.Tensor  # 0-d: the mean loss over the micro-batches
     grad_norm: torch.Tensor  # 0-d: the global gradient norm before clipping
-    finite: bool  # False: the update was skipped (a NaN or infinite loss or gradient)
+    finite: torch.Tensor  # 0-d bool; False: the update was dropped (a NaN or infinite loss or gradient)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # the objective's, averaged over micro-batches
     images: int = 0  # images this process trained on
     skipped_images: int = 0  # unreadable images left out (--skip-bad-images)
@@ -51,19 +56,51 @@ def clip_per_parameter(parameters, max_norm: float) -> None:
         torch._foreach_mul_(grads, scales)
 
 
+def takes_found_inf(acc: Accelerator, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` can drop an update on a device flag, no host sync: torch's fused
+    optimizers skip the update and undo their step counters when ``found_inf`` is 1 (GradScaler's
+    contract). Not under fp16, whose GradScaler sets the flag itself."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's AcceleratedOptimizer
+    return acc.mixed_precision != "fp16" and getattr(inner, "_step_supports_amp_scaling", False)
+
+
+def update_unless(found_inf: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()`` that leaves weights and optimizer state as they were when ``found_inf``
+    (0-d float32, on the device) is 1."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
+
+
+def end_step_unless(bad: torch.Tensor, hooks, info: StepInfo) -> None:
+    """The objective's ``end_step`` (an EMA teacher, a centre), undone on the device where ``bad``:
+    the tensors it names in ``step_state()`` are copied before and restored after by ``torch.where``."""
+    state = list(getattr(hooks, "step_state", list)())
+    with torch.no_grad():
+        before = [t.clone() for t in state]
+    hooks.end_step(info)
+    with torch.no_grad():
+        for t, old in zip(state, before):
+            t.copy_(torch.where(bad, old, t))
+
+
 def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.optim.Optimizer,
                    micro_batches: list[dict], info: StepInfo, clip_grad: float, clip_mode: str = "norm",
                    forward: Optional[Callable] = None, host_sync: Callable[[], ContextManager] = nullcontext
                    ) -> StepResult:
     """One update of ``model`` (prepared by ``acc``, or plain) from ``micro_batches``.
 
-    ``hooks``: the objective (``start_step``, ``before_optimizer_step``, ``end_step``); ``forward``:
-    batch -> (loss, metrics), default ``model``. Each micro-batch's loss is divided by their number,
-    so accumulation equals the large batch; gradients are all-reduced on the last one only.
+    ``hooks``: the objective (``start_step``, ``before_optimizer_step``, ``end_step``, ``step_state``);
+    ``forward``: batch -> (loss, metrics), default ``model``. Each micro-batch's loss is divided by
+    their number, so accumulation equals the large batch; gradients are all-reduced on the last one only.
     ``clip_mode``: ``norm`` clips the global norm to ``clip_grad``, ``per_param`` each parameter's
     (DINO; after ``before_optimizer_step``, where DINO clips first: per parameter the order does
-    not matter, a dropped gradient stays dropped). The one host sync (``host_sync`` wraps it)
-    keeps a non-finite loss or gradient from the weights.
+    not matter, a dropped gradient stays dropped). A non-finite loss or gradient leaves the weights,
+    the optimizer state and what ``end_step`` changes as they were; ``host_sync`` wraps the host
+    syncs of optimizers that cannot drop an update on the device (``takes_found_inf``).
     """
     forward = forward or model
     hooks.start_step(info, optimizer)
@@ -86,12 +123,18 @@ def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.o
     if clip_grad > 0 and clip_mode == "per_param":
         clip_per_parameter(model.parameters(), clip_grad)
     check = loss_sum if acc.mixed_precision == "fp16" else loss_sum + grad_norm  # fp16: the scaler skips inf grads
-    with host_sync():
-        finite = bool(torch.isfinite(check).item())
-    if finite:
-        with host_sync():  # an optimizer's step counters may live on the host
-            optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if finite:
-        hooks.end_step(info)
+    finite = torch.isfinite(check)
+    if takes_found_inf(acc, optimizer):
+        update_unless((~finite).float(), optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        end_step_unless(~finite, hooks, info)
+    else:
+        with host_sync():
+            update = bool(finite.item())
+        if update:
+            with host_sync():  # an optimizer's step counters may live on the host
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if update:
+            hooks.end_step(info)
     return StepResult(loss_sum, grad_norm.detach().float(), finite, sums, images, skipped)

@@ -14,8 +14,8 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/pip install -e ".[dev]"
 
-demo: setup
-	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no recipes/masked_patch.py
+demo: setup  # a small study: four objectives and the baseline at one FLOP budget, on the embedded digits
+	$(BIN)/python -m ssl_vit.study studies/demo.toml --out runs/demo-study
 
 test: $(BIN)/python
 	$(BIN)/pip install -e ".[$(TEST_EXTRAS)]"

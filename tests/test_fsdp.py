@@ -6,9 +6,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from accelerate.utils import DistributedType
 
 from conftest import free_port
 from fsdp_run import SETTINGS
+from ssl_vit.errors import ConfigError
+from ssl_vit.train.launch import check_launch
 
 
 def test_every_objective_shards_trains_and_saves_and_evaluates_as_unsharded():
@@ -22,3 +28,14 @@ def test_every_objective_shards_trains_and_saves_and_evaluates_as_unsharded():
     for rank in range(2):
         for name in SETTINGS:
             assert f"rank {rank} of 2: {name} ok" in done.stdout, done.stdout[-2000:]
+
+
+@pytest.mark.parametrize("launch", ["cpu", "fsdp1"])
+def test_fsdp_launches_that_would_not_shard_are_refused(launch, monkeypatch):
+    """On CPUs Accelerate would silently train unsharded; FSDP1 cannot mix frozen and trained parameters."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    kind = DistributedType.NO if launch == "cpu" else DistributedType.FSDP
+    acc = SimpleNamespace(num_processes=1, distributed_type=kind,
+                          state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+    with pytest.raises(ConfigError, match="without a GPU" if launch == "cpu" else "fsdp_version 1"):
+        check_launch(acc)

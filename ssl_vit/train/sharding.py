@@ -29,7 +29,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from ..errors import ConfigError
 from ..objectives import Objective
 
 
@@ -49,19 +48,16 @@ def shard_objective(objective: Objective, mesh: DeviceMesh, **fsdp_kwargs) -> No
 
 def shard_with_plugin(acc: Accelerator, objective: Objective) -> None:
     """Under an FSDP launch, shard ``objective`` (``shard_objective``) with the plugin's settings, before
-    the optimizer is built on its parameters; elsewhere nothing. FSDP1 is refused: one of its units
-    cannot mix frozen and trained parameters, and every objective has some."""
+    the optimizer is built on its parameters; elsewhere nothing (``launch.check_fsdp`` refused FSDP1)."""
     if acc.distributed_type != DistributedType.FSDP:
         return
     plugin = acc.state.fsdp_plugin
-    if plugin.fsdp_version != 2:
-        raise ConfigError(f"fsdp_version {plugin.fsdp_version}: ssl_vit shards with FSDP2 only (FSDP1 cannot hold "
-                          "frozen and trained parameters in one unit); set fsdp_version: 2 in the accelerate "
-                          "config, as configs/accelerate/fsdp2.yaml does")
     objective.to(acc.device)  # fully_shard moves only what it manages; distill's teacher lies outside the tree
+    compute = plugin.mixed_precision_policy.param_dtype if plugin.mixed_precision_policy else None
+    # Gradients reduced in float32, as DDP reduces them (Accelerate's policy would reduce in bf16).
     shard_objective(objective, init_device_mesh(acc.device.type, (acc.num_processes,)),
                     reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload,
-                    mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
+                    mp_policy=MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32))
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -5,22 +5,28 @@
 For each objective (all by default): ``shard_objective`` shards every parameter, each Transformer
 block (the teacher's and the decoder's too) in a unit of its own; the gathered state
 (``full_state_dict``) and the ckpt.pt parts built from it equal the unsharded model's; one
-``optimizer_step`` trains the sharded model (frozen parameters included); the EMA teacher update
+``optimizer_step`` trains the sharded model (frozen parameters included); Accelerate's FSDP2 state
+(what ``save_state`` and ``load_state`` write and read) resumes model and optimizer exactly; the EMA teacher update
 on shards equals the unsharded update; ``evaluate`` on the sharded model, with test batches shared
 unevenly (one process has more, one batch has no readable image), gives the unsharded numbers.
 Prints ``rank R of 2: OBJECTIVE ok`` per objective; the first failed check raises.
 
 Accelerate refuses FSDP on CPUs (its FSDP mode needs an accelerator), so the plugin path
-(``shard_with_plugin``) runs only in a GPU launch; everything it calls runs here.
+(``shard_with_plugin``, ``save_state`` itself) runs only in a GPU launch; what they call runs here.
 """
 
 import copy
+import shutil
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import load_fsdp_model, load_fsdp_optimizer, save_fsdp_model, save_fsdp_optimizer
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -32,7 +38,7 @@ from ssl_vit.objectives.frozen_teacher import FrozenTeacher
 from ssl_vit.objectives.teacher import TeacherObjective
 from ssl_vit.train.evaluation import evaluate
 from ssl_vit.train.optim import build_optimizer
-from ssl_vit.train.sharding import full_state_dict, shard_objective
+from ssl_vit.train.sharding import full_state_dict, init_optimizer_state, shard_objective
 from ssl_vit.train.step import optimizer_step
 
 CLASSES = 10
@@ -44,7 +50,10 @@ SETTINGS = {
     "mae": ({"pos_embed": "sincos"}, {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}),
     "dino": ({}, {"out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16, "local_crops_number": 2,
                   "local_crop_size": 8}),
-    "msn": ({}, {"num_prototypes": 8, "hidden_dim": 32, "output_dim": 16, "focal_views": 2, "focal_size": 8}),
+    # MSN without its heads' BatchNorm: on gloo (no SyncBatchNorm, which MSN uses on GPUs) each process
+    # keeps running statistics of its own, and a sharded state keeps one process's
+    "msn": ({}, {"num_prototypes": 8, "hidden_dim": 32, "output_dim": 16, "focal_views": 2, "focal_size": 8,
+                 "head_bn": False}),
     "distill": ({"distillation_token": True}, {"teacher": "a frozen linear classifier"}),
 }
 
@@ -116,6 +125,35 @@ def check_ema(objective, reference) -> None:
         assert_equal_states(after, reference.state_dict(), "teacher after the EMA")
 
 
+def check_resume(name: str, objective, optimizer, acc: Accelerator, mesh, tc: TrainConfig) -> None:
+    """Through the functions ``save_state`` and ``load_state`` call under FSDP2 with the sharded state of
+    configs/accelerate/fsdp2.yaml: a fresh sharded model and optimizer loaded from the saved state equal
+    the saved ones (compared on the main process)."""
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    folder = [tempfile.mkdtemp(prefix="fsdp_run-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(folder)
+    save_fsdp_model(plugin, acc, objective, folder[0])
+    save_fsdp_optimizer(plugin, acc, optimizer, objective, folder[0])
+    torch.manual_seed(1)
+    fresh = build(name).train()
+    shard_objective(fresh, mesh)
+    fresh_optimizer = build_optimizer(fresh, tc)
+    init_optimizer_state(fresh, fresh_optimizer)
+    load_fsdp_model(plugin, acc, fresh, folder[0])
+    load_fsdp_optimizer(plugin, acc, fresh_optimizer, fresh, folder[0])
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    saved, loaded = full_state_dict(objective), full_state_dict(fresh)
+    saved_optim = get_optimizer_state_dict(objective, optimizer, options=options)  # the main process's: full
+    loaded_optim = get_optimizer_state_dict(fresh, fresh_optimizer, options=options)
+    if dist.get_rank() == 0:
+        assert_equal_states(loaded, saved, "resumed model")
+        saved_optim, loaded_optim = saved_optim["state"], loaded_optim["state"]
+        assert saved_optim.keys() == loaded_optim.keys() and saved_optim, f"{name}: optimizer state keys"
+        for k in saved_optim:
+            assert_equal_states(loaded_optim[k], saved_optim[k], f"resumed optimizer state of {k}")
+        shutil.rmtree(folder[0])
+
+
 def check_evaluation(name: str, objective, reference, acc: Accelerator) -> None:
     """Test batches of 3, 2 (and one unreadable) on rank 0, of 4 on rank 1: the unsharded metric of all
     (compared on the main process)."""
@@ -130,11 +168,47 @@ def check_evaluation(name: str, objective, reference, acc: Accelerator) -> None:
     assert got == want, f"{name}: sharded {got}, unsharded {want}"
 
 
+def half(whole: dict, rank: int) -> dict:
+    """This process's half of a batch (of every view)."""
+    def cut(x):
+        return [cut(v) for v in x] if isinstance(x, list) else x.chunk(2)[rank]
+    return {k: cut(v) for k, v in whole.items()}
+
+
+def train(name: str, model, optimizer, acc: Accelerator, data: dict) -> None:
+    """Two optimizer steps on ``data``; DINO's last layer is frozen in the first (one step per epoch)."""
+    for step in range(2):
+        result = optimizer_step(acc, model, model, optimizer, [dict(data)], StepInfo(step, 10, 0, 1), 1.0,
+                                "per_param" if name == "dino" else "norm")
+        assert result.finite, f"{name}: non-finite step"
+
+
+def check_training(name: str, objective, optimizer, reference, acc: Accelerator, tc: TrainConfig) -> None:
+    """Two steps of the sharded model on each process's half of a batch. Objectives that draw no random
+    masks: the same update of the weights as the unsharded model's two steps on the whole batch (run on
+    every process, so that DINO's centre, summed over processes, sees the same), to 0.1% of its norm
+    (Adam turns the float noise of gradients that are 0 in exact arithmetic, the keys' bias, into
+    steps of the learning rate's size)."""
+    whole = batch(name, 8, 0)
+    train(name, objective, optimizer, acc, half(whole, dist.get_rank()))
+    if name in ("masked_patch", "mae", "msn"):  # their masks differ between the processes and one process
+        return
+    before = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    train(name, reference, build_optimizer(reference, tc), acc, whole)
+    state = full_state_dict(objective)
+    if dist.get_rank() == 0:
+        def update(weights):
+            return torch.cat([(weights[k].float() - v.float()).flatten() for k, v in before.items()])
+        want, got = update(reference.state_dict()), update(state)
+        error = ((got - want).norm() / want.norm()).item()
+        assert error < 1e-3, f"{name}: sharded training moved the weights otherwise (relative error {error:.3g})"
+        print(f"{name}: update error {error:.2g}")
+
+
 def main(names: list[str]) -> None:
     acc = Accelerator(cpu=True)
     assert acc.num_processes == 2 and dist.get_backend() == "gloo", "launch with torchrun --nproc_per_node 2"
     mesh = init_device_mesh("cpu", (2,))
-    rank = dist.get_rank()
     tc = TrainConfig(optimizer="adamw", lr=1e-3)
     for name in names:
         torch.manual_seed(0)
@@ -144,15 +218,14 @@ def main(names: list[str]) -> None:
         check_units(name, objective)
         check_checkpoint(objective, reference)
         optimizer = build_optimizer(objective, tc)
-        clip_mode = "per_param" if name == "dino" else "norm"
-        result = optimizer_step(acc, objective, objective, optimizer, [batch(name, 4, rank)], StepInfo(0, 10, 0, 5),
-                                1.0, clip_mode)
-        assert result.finite, f"{name}: non-finite step"
+        init_optimizer_state(objective, optimizer)
+        check_training(name, objective, optimizer, reference, acc, tc)
+        check_resume(name, objective, optimizer, acc, mesh, tc)
         if isinstance(objective, TeacherObjective):
             check_ema(objective, reference)
         if objective.has_test_metric:
             check_evaluation(name, objective, reference, acc)
-        print(f"rank {rank} of {dist.get_world_size()}: {name} ok", flush=True)
+        print(f"rank {dist.get_rank()} of {dist.get_world_size()}: {name} ok", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ checkpoints and exact resume. ``Trainer`` assembles pieces that each work alone:
 ``pipeline`` (loaders and the micro-batches of each step), ``optim`` (optimizer and schedule),
 ``step`` (one optimizer step), ``metrics_log`` (metrics.jsonl and the trackers), ``trackers``
 (TensorBoard, W&B, MLflow: ``--report-to``), ``run_folder`` (config.json, the resumable state, the
-lock) and ``launch`` (launches that cannot train correctly).
+lock), ``launch`` (launches that cannot train correctly), ``sharding`` (FSDP2) and ``evaluation``
+(the test metric, in step over processes).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .optim import build_optimizer, build_schedule
 from .launch import check_launch, die_with_launcher, resolve_precision, training_device
 from .pipeline import DataPipeline, Shard
 from .run_folder import CKPT_FILE, RunLock, StateFolder, check_config, default_out, write_config
-from .sharding import full_state_dict, shard_with_plugin
+from .sharding import full_state_dict, init_optimizer_state, shard_with_plugin
 from .step import StepResult, optimizer_step
 from .summary import run_summary
 from .trackers import build_trackers, check_installed, start_trackers
@@ -84,6 +85,7 @@ class Trainer:
         optimizer = build_optimizer(self.objective, tc)
         self.scheduler = build_schedule(optimizer, tc)
         self.model, self.optimizer = self.acc.prepare(self.objective, optimizer)
+        init_optimizer_state(self.model, optimizer)  # FSDP: so that state/ loads whatever had been updated
         # The model was built from the same seed everywhere; from here each process draws its own masks,
         # drop-path and Mixup (seed + rank), restored exactly on resume with each process's saved RNG.
         set_seed(tc.seed, device_specific=True)

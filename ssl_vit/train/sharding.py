@@ -12,6 +12,8 @@ FSDP config (``configs/accelerate/fsdp2.yaml``).
   wrapping policy is not used (``prepare`` keeps a model that is sharded already).
 - ``full_state_dict``: the whole state with full tensors, gathered by every process together (a
   collective), held on the main process (ckpt.pt).
+- ``init_optimizer_state``: every trained parameter's optimizer state from the start, so that a
+  sharded ``state/`` loads (resume) whatever the optimizer had updated before it was saved.
 - ``lockstep``: the same number of forward passes on every process (each one gathers parameters
   with the others), for a test split that the processes share unevenly.
 """
@@ -25,7 +27,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -67,6 +69,22 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if not is_sharded(model):
         return model.state_dict()
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def init_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Sharded: give every trained parameter its optimizer state now, as the optimizer's first update
+    would create it. Torch loads a sharded optimizer state only when it holds every trained parameter
+    (strict; Accelerate's ``load_state`` passes no other option), and a parameter not updated before a
+    save (DINO's last layer, frozen in the first epoch) would have none. Torch fills the state in by a
+    step at lr 0 on zero gradients (``get_optimizer_state_dict``); the step counts go back to 0, so the
+    first real update is the one the optimizer would have made (Adam and AdamW: zero moments at step
+    0; SGD: a momentum of 0 instead of the first gradient, equal without dampening)."""
+    if not is_sharded(model):
+        return
+    get_optimizer_state_dict(model, optimizer)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"].zero_()
 
 
 def lockstep(batches: Iterable[dict], placeholder: dict, device: torch.device) -> Iterator[tuple[dict, bool]]:

@@ -3,8 +3,8 @@ each process's share of the test split, added up over all processes.
 
 A sharded model (FSDP) gathers parameters with the other processes at every forward pass, and the
 sums are added up by a collective too, so each process runs as many batches as the process with the
-most (``sharding.lockstep``; so does DDP's, for one code path): a one-image placeholder, whose sums are dropped, stands in for the
-batches it lacks and for those without a readable image.
+most (``sharding.lockstep``; unsharded runs too, for one code path): a one-image placeholder, whose
+sums are dropped, stands in for the batches it lacks and for those without a readable image.
 """
 
 from __future__ import annotations

@@ -55,11 +55,12 @@ def shard_with_plugin(acc: Accelerator, objective: Objective) -> None:
         return
     plugin = acc.state.fsdp_plugin
     objective.to(acc.device)  # fully_shard moves only what it manages; distill's teacher lies outside the tree
-    compute = plugin.mixed_precision_policy.param_dtype if plugin.mixed_precision_policy else None
-    # Gradients reduced in float32, as DDP reduces them (Accelerate's policy would reduce in bf16).
+    # Parameters gathered and gradients reduced in float32, and bf16 computed by autocast, as under DDP:
+    # FSDP's own bf16 parameters (Accelerate's policy) would break the float32 parts (DINO's and MSN's
+    # losses, BatchNorm's float32 running statistics).
     shard_objective(objective, init_device_mesh(acc.device.type, (acc.num_processes,)),
                     reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload,
-                    mp_policy=MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32))
+                    mp_policy=MixedPrecisionPolicy())
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

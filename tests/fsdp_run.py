@@ -10,7 +10,8 @@ are drawn, two processes' halves of a batch update it as one unsharded process o
 Accelerate's FSDP2 state (what ``save_state`` and ``load_state`` write and read), saved after a step
 that left DINO's last layer alone, resumes model and optimizer exactly; the EMA teacher update on
 shards equals the unsharded update; ``evaluate`` on the sharded model, with test batches shared
-unevenly (one process has more, one batch has no readable image), gives the unsharded numbers.
+unevenly (one process has more, one batch has no readable image), gives the unsharded numbers;
+DINO and MSN (with its heads' BatchNorm) train under bf16 autocast.
 Prints ``rank R of 2: OBJECTIVE ok`` per objective; the first failed check raises.
 
 Accelerate refuses FSDP on CPUs (its FSDP mode needs an accelerator), so the plugin path
@@ -204,6 +205,20 @@ def check_training(name: str, objective, reference, whole: dict, acc: Accelerato
         assert error < 1e-3, f"{name}: sharded training moved the weights otherwise (relative error {error:.3g})"
 
 
+def check_bf16(name: str, mesh) -> None:
+    """A training forward and backward of a sharded model under bf16 autocast, as a bf16 run trains:
+    the float32 parts (DINO's and MSN's losses, MSN's BatchNorm) meet float32 parameters."""
+    backbone_kw, cfg_kw = SETTINGS[name]
+    cls = get_objective(name)
+    objective = cls(tiny_vit(depth=1, **backbone_kw), cls.Config(**{**cfg_kw, "head_bn": True} if name == "msn"
+                                                                 else cfg_kw), DATA).train()
+    shard_objective(objective, mesh)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = objective(batch(name, 4, dist.get_rank()))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss), f"{name}: bf16 loss {loss}"
+
+
 def main(names: list[str]) -> None:
     acc = Accelerator(cpu=True)
     assert acc.num_processes == 2 and dist.get_backend() == "gloo", "launch with torchrun --nproc_per_node 2"
@@ -225,6 +240,7 @@ def main(names: list[str]) -> None:
         check_training(name, objective, reference, whole, acc, tc)
         if isinstance(objective, TeacherObjective):
             check_ema(objective, reference)
+            check_bf16(name, mesh)
         if objective.has_test_metric:
             check_evaluation(name, objective, reference, acc)
         print(f"rank {dist.get_rank()} of {dist.get_world_size()}: {name} ok", flush=True)

@@ -40,11 +40,16 @@ def is_sharded(model: nn.Module) -> bool:
 
 def shard_objective(objective: Objective, mesh: DeviceMesh, **fsdp_kwargs) -> None:
     """Shard ``objective`` in place over ``mesh``: each of its ``fsdp_units()``, then the rest as the
-    root unit. ``fsdp_kwargs``: ``fully_shard``'s (``mp_policy``, ``offload_policy``,
-    ``reshard_after_forward``: for the units; the root keeps torch's choice, False, as Accelerate's does)."""
+    root unit. ``fsdp_kwargs``: ``fully_shard``'s (``offload_policy``, ``reshard_after_forward``: for
+    the units; the root keeps torch's choice, False, as Accelerate's does). Parameters are gathered and
+    gradients reduced in float32, and autocast computes in bf16, as under DDP: FSDP's own bf16
+    parameters (Accelerate's policy under bf16) would break the parts computed in float32 (DINO's and
+    MSN's losses, BatchNorm with its float32 running statistics)."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     for unit in objective.fsdp_units():
-        fully_shard(unit, mesh=mesh, **fsdp_kwargs)
-    fully_shard(objective, mesh=mesh, **{k: v for k, v in fsdp_kwargs.items() if k != "reshard_after_forward"})
+        fully_shard(unit, mesh=mesh, mp_policy=policy, **fsdp_kwargs)
+    fully_shard(objective, mesh=mesh, mp_policy=policy,
+                **{k: v for k, v in fsdp_kwargs.items() if k != "reshard_after_forward"})
     register_fsdp_forward_method(objective, "evaluate_batch")
 
 
@@ -55,12 +60,8 @@ def shard_with_plugin(acc: Accelerator, objective: Objective) -> None:
         return
     plugin = acc.state.fsdp_plugin
     objective.to(acc.device)  # fully_shard moves only what it manages; distill's teacher lies outside the tree
-    # Parameters gathered and gradients reduced in float32, and bf16 computed by autocast, as under DDP:
-    # FSDP's own bf16 parameters (Accelerate's policy) would break the float32 parts (DINO's and MSN's
-    # losses, BatchNorm's float32 running statistics).
     shard_objective(objective, init_device_mesh(acc.device.type, (acc.num_processes,)),
-                    reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload,
-                    mp_policy=MixedPrecisionPolicy())
+                    reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

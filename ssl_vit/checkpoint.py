@@ -84,13 +84,14 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: str, backbone: Backbone, *, objective: str, objective_config: dict,
                     train_config: dict, step: int, data: dict, objective_state: Optional[dict] = None,
-                    extra: Optional[dict] = None) -> None:
-    """Write ``ckpt.pt`` atomically (see the module docstring for its contents)."""
+                    extra: Optional[dict] = None, backbone_state: Optional[dict] = None) -> None:
+    """Write ``ckpt.pt`` atomically (see the module docstring for its contents). ``backbone_state``:
+    ``backbone.vit``'s full state dict, where the module holds shards (FSDP)."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "arch": dataclasses.asdict(backbone.cfg),
-        "state_dict": _cpu_state(backbone.vit),
+        "state_dict": _cpu_state(backbone.vit) if backbone_state is None else backbone_state,
         "objective": objective,
         "objective_config": objective_config,
         "train_config": train_config,

@@ -107,12 +107,30 @@ class Objective(nn.Module):
         """The backbone written to ``ckpt.pt`` (DINO: the teacher)."""
         return self.backbone
 
-    def objective_state(self) -> dict[str, torch.Tensor]:
+    def objective_state(self, state: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         """This objective's own tensors for ``ckpt.pt`` (heads, decoders, tokens, a student): its
-        state dict without the exported backbone, which the checkpoint holds under timm names."""
+        state dict without the exported backbone, which the checkpoint holds under timm names.
+        ``state``: the full state dict, where this module holds shards (FSDP: ``sharding.full_state_dict``)."""
+        prefix = self._exported_prefix()
+        state = self.state_dict() if state is None else state
+        return {k: v.detach().cpu().clone() for k, v in state.items() if not k.startswith(prefix)}
+
+    def exported_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The exported backbone's timm state dict (ckpt.pt's ``state_dict``) out of the full ``state``."""
+        prefix = self._exported_prefix() + "vit."
+        return {k[len(prefix):]: v.detach().cpu().clone() for k, v in state.items() if k.startswith(prefix)}
+
+    def _exported_prefix(self) -> str:
         exported = self.export_backbone()
-        prefix = next(name for name, module in self.named_children() if module is exported) + "."
-        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if not k.startswith(prefix)}
+        return next(name for name, module in self.named_children() if module is exported) + "."
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards as units of their own, before the objective itself takes the rest
+        (``train.sharding``): every Transformer block (the children of a ``blocks`` container), the
+        student's, an EMA teacher's and a decoder's alike. Each is called as a module, which is when
+        FSDP gathers its parameters."""
+        return [block for name, module in self.named_modules() if name.rsplit(".", 1)[-1] == "blocks"
+                for block in module.children()]
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm's layer grouping of the backbone (for layer-wise lr decay), renamed to this module's

@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..backbone import Backbone
 from .base import Objective
@@ -98,6 +99,14 @@ def batch_views(batch: dict, expected: int, needs: str) -> list[torch.Tensor]:
     return list(views)
 
 
+def local_shard(p: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter: a DTensor's (FSDP2) local shard, else the whole tensor. A
+    teacher parameter and its student's have one shape and are split alike (dim 0 over the same
+    processes), so an elementwise update of the shards is that of the whole tensors, with no
+    communication."""
+    return p.detach().to_local() if isinstance(p, DTensor) else p.detach()
+
+
 def teacher_copy(student: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
     """``build()`` with the student's weights, frozen: the teacher's start."""
     teacher = build()
@@ -134,9 +143,11 @@ class TeacherObjective(Objective):
 
     @torch.no_grad()
     def update_teacher(self, step: int, total_steps: int) -> None:
-        """t = m * t + (1 - m) * s over all parameters at once (one kernel per group on a GPU, not one each)."""
+        """t = m * t + (1 - m) * s over all parameters at once (one kernel per group on a GPU, not one each),
+        on each process's shards when FSDP shards them (``local_shard``)."""
         m = self.teacher_momentum(step, total_steps)
-        torch._foreach_lerp_(list(self._teacher_parameters()), [s.detach() for s in self._student_parameters()], 1.0 - m)
+        torch._foreach_lerp_([local_shard(t) for t in self._teacher_parameters()],
+                             [local_shard(s) for s in self._student_parameters()], 1.0 - m)
 
     def step_state(self) -> list[torch.Tensor]:
         return list(self._teacher_parameters())

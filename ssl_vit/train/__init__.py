@@ -6,7 +6,8 @@ checkpoints and exact resume. ``Trainer`` assembles pieces that each work alone:
 ``pipeline`` (loaders and the micro-batches of each step), ``optim`` (optimizer and schedule),
 ``step`` (one optimizer step), ``metrics_log`` (metrics.jsonl and the trackers), ``trackers``
 (TensorBoard, W&B, MLflow: ``--report-to``), ``run_folder`` (config.json, the resumable state, the
-lock) and ``launch`` (launches that cannot train correctly).
+lock), ``launch`` (launches that cannot train correctly), ``sharding`` (FSDP2) and ``evaluation``
+(the test metric, in step over processes).
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from ..data import MEAN, STD, DataError, DataSource, load_data
 from ..data.subsets import labelled_fraction
 from ..errors import ConfigError
 from ..objectives import DataInfo, Objective, StepInfo, get_objective
+from .evaluation import evaluate
 from .metrics_log import MetricLog
 from .nonfinite import NonFiniteError, NonFiniteSteps
 from .optim import build_optimizer, build_schedule, fused_by_default
 from .launch import check_launch, die_with_launcher, resolve_precision, training_device
 from .pipeline import DataPipeline, Shard
 from .run_folder import CKPT_FILE, RunLock, StateFolder, check_config, check_shared, default_out, write_config
-from .step import optimizer_step, to_device
+from .sharding import full_state_dict, init_optimizer_state, shard_with_plugin
+from .step import optimizer_step
 from .summary import run_summary
 from .trackers import build_trackers, check_installed, start_trackers
 
@@ -75,9 +78,11 @@ class Trainer:
         transform = objective_cls.train_transform(tc, run.objective_config, self.data_info)
         self.data = DataPipeline(run, self.source, objective_cls, transform, shard)
         self.steps_per_epoch = self.data.steps_per_epoch
+        shard_with_plugin(self.acc, self.objective)  # FSDP: before the optimizer takes the parameters
         optimizer = build_optimizer(self.objective, tc, fused_by_default(tc, self.acc.device))
         self.scheduler = build_schedule(optimizer, tc)
         self.model, self.optimizer = self.acc.prepare(self.objective, optimizer)
+        init_optimizer_state(self.model, optimizer)  # FSDP: so that state/ loads whatever had been updated
         # The model was built from the same seed everywhere; from here each process draws its own masks,
         # drop-path and Mixup (seed + rank), restored exactly on resume with each process's saved RNG.
         set_seed(tc.seed, device_specific=True)
@@ -134,36 +139,24 @@ class Trainer:
             objective_cls.initialise(backbone)
         return backbone
 
-    @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
         """The objective's test metrics (e.g. supervised accuracy), from sums over all processes."""
         if self.data.test_loader is None:
             return None
-        objective = plain(self.model, self.acc)
-        objective.eval()
-        sums: dict[str, torch.Tensor] = {}
-        for batch in tqdm(self.data.test_loader, desc="test", leave=False,
-                          disable=not self.acc.is_local_main_process):
-            if "image" not in batch:
-                continue
-            with self.acc.autocast():
-                part = objective.evaluate_batch(to_device(batch, self.acc.device))
-            for k, v in part.items():
-                sums[k] = sums.get(k, 0) + v
-        objective.train()
-        if not sums:  # no readable test image
-            return None
-        return objective.test_metrics({k: self.acc.reduce(v, reduction="sum") for k, v in sums.items()})
+        return evaluate(plain(self.model, self.acc), self.data.test_loader, self.acc, self.data_info.img_size)
 
     def _write_checkpoint(self, step: int, results: Optional[dict]) -> str:
         path = os.path.join(self.out, CKPT_FILE)
+        objective = plain(self.model, self.acc)
+        state = full_state_dict(objective)  # on every process: FSDP gathers the shards together
         if self.acc.is_main_process:
-            objective, run = plain(self.model, self.acc), self.run_cfg.to_dict()
+            run = self.run_cfg.to_dict()
             save_checkpoint(
                 path, objective.export_backbone(), objective=self.run_cfg.objective,
                 objective_config=run["objective_config"], train_config=run["train"], step=step,
                 data={**dataclasses.asdict(self.data_info), "image_column": self.source.image_column},
-                objective_state=objective.objective_state(), extra={"results": results or {}},
+                objective_state=objective.objective_state(state), extra={"results": results or {}},
+                backbone_state=objective.exported_state(state),
             )
         self.acc.wait_for_everyone()
         return path

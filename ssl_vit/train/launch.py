@@ -10,7 +10,7 @@ import sys
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import DistributedType, parse_flag_from_env
 
 from ..errors import ConfigError
 
@@ -22,12 +22,26 @@ def check_launch(acc: Accelerator) -> None:
     as one each (``torchrun`` on CPUs): each would train alone and all would write into the same run
     folder. (``accelerate launch --cpu --num_processes N`` starts one process and sets no WORLD_SIZE:
     it trains correctly, on one process.)"""
+    check_fsdp(acc)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and acc.num_processes == 1:
         raise ConfigError(
             f"this process was launched as one of {world} (WORLD_SIZE={world}) but Accelerate runs it alone, "
             f"so each process would train on its own: launch with accelerate launch --multi_gpu --num_processes "
             f"{world} (on CPUs: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {world})")
+
+
+def check_fsdp(acc: Accelerator) -> None:
+    """Refuse an FSDP launch that would not shard: on CPUs Accelerate runs it unsharded, without a
+    word (its FSDP needs an accelerator), and FSDP1 cannot hold the frozen and trained parameters
+    that every objective mixes in one unit (ssl_vit shards with FSDP2: ``sharding``)."""
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and acc.distributed_type != DistributedType.FSDP:
+        raise ConfigError("an FSDP launch without a GPU: Accelerate would train unsharded; on CPUs launch DDP "
+                          "(ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N)")
+    if acc.distributed_type == DistributedType.FSDP and acc.state.fsdp_plugin.fsdp_version != 2:
+        raise ConfigError(f"fsdp_version {acc.state.fsdp_plugin.fsdp_version}: ssl_vit shards with FSDP2 only "
+                          "(FSDP1 cannot hold frozen and trained parameters in one unit); set fsdp_version: 2 in the "
+                          "accelerate config, as configs/accelerate/fsdp2.yaml does")
 
 
 def die_with_launcher() -> None:

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -162,7 +162,7 @@ def recipe_images_per_s(run: Path) -> Optional[float]:
     return speeds[len(speeds) // 2] if speeds else None
 
 
-def recipe_command(objective: str, sizes: Sizes, data: Path, out: Path, steps: int, batch: int,
+def recipe_command(objective: str, data: Path, out: Path, steps: int, batch: int,
                    backbone: tuple, *extra: str, launcher: tuple = ()) -> list[str]:
     """A recipe run as a user types it, with the check's sizes."""
     script = f"recipes/{objective}.py"
@@ -178,7 +178,7 @@ def loader_section(sizes: Sizes, data: Path, work: Path, flops: dict, peak: Opti
     for objective in ("supervised", "mae"):
         for path_name, extra in (("workers", ("--num-workers", "auto")), ("device", ("--data-on-device",))):
             run = work / f"loader-{objective}-{path_name}"
-            cmd = recipe_command(objective, sizes, data, run, sizes.loader_steps, sizes.batch, sizes.backbone, *extra)
+            cmd = recipe_command(objective, data, run, sizes.loader_steps, sizes.batch, sizes.backbone, *extra)
             result = run_section(f"loader ({objective}, {path_name})", cmd, deadline.limit(sizes.timeout["loader"] / 4), log)
             ips = recipe_images_per_s(run)
             result["images_per_s"] = ips
@@ -198,17 +198,22 @@ def pipeline_section(sizes: Sizes, out: Path, log, deadline: Deadline) -> dict:
 
 
 def fsdp_section(sizes: Sizes, data: Path, work: Path, log, deadline: Deadline) -> dict:
-    """Section 4: two FSDP steps of every objective, each run ending with its checkpoint."""
+    """Section 4: two FSDP steps of every objective (distill taught by the supervised run), each ending
+    with its checkpoint; then a DINO run stopped at step 2 (its last layer still frozen) and resumed."""
     launcher = (PY, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp2.yaml",
                 "--num_processes", "1")
+    teacher = ("--teacher", str(work / "fsdp-supervised" / "ckpt.pt"))
+    runs = [(o, o, 2, ()) for o in OBJECTIVES] + [("distill", "distill", 2, teacher),
+                                                  ("dino-stop", "dino", 4, ("--stop-at", "2")),
+                                                  ("dino-resume", "dino", 4, ())]
     results = {}
-    for objective in OBJECTIVES:
-        run = work / f"fsdp-{objective}"
-        cmd = recipe_command(objective, sizes, data, run, 2, sizes.fsdp_batch, sizes.fsdp_backbone,
+    for name, objective, steps, extra in runs:
+        run = work / ("fsdp-dino-resumed" if name.startswith("dino-") else f"fsdp-{name}")
+        cmd = recipe_command(objective, data, run, steps, sizes.fsdp_batch, sizes.fsdp_backbone, *extra,
                              launcher=launcher)
-        result = run_section(f"fsdp ({objective})", cmd, deadline.limit(sizes.timeout["fsdp"] / len(OBJECTIVES)), log)
+        result = run_section(f"fsdp ({name})", cmd, deadline.limit(sizes.timeout["fsdp"] / len(runs)), log)
         result["checkpoint"] = (run / "ckpt.pt").exists()
-        results[objective] = result
+        results[name] = result
     return results
 
 

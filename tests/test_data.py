@@ -112,6 +112,17 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(randaugment):
     assert not torch.equal(a[7], ds[(3, 7)]["image"])  # another epoch, another crop
 
 
+def test_randaugment_posterize_keeps_zero_bits_as_a_black_image():
+    """PosterizeIncreasing at magnitude 10 keeps 0 bits, which Pillow 11+ refuses (DeiT's recipe then
+    stopped about one image in 500); earlier Pillow, and DeiT's runs, made the image black."""
+    from timm.data.auto_augment import RandAugment
+
+    augment = next(t for t in train_transform(16, randaugment="rand-m10-inc1").transforms if isinstance(t, RandAugment))
+    op = next(op for op in augment.ops if op.name == "PosterizeIncreasing")
+    op.prob = 1.0
+    assert op(Image.new("RGB", (16, 16), (200, 100, 50))).getextrema() == ((0, 0),) * 3
+
+
 def test_streaming_parquet(tmp_path):
     load_data("default").train.to_parquet(str(tmp_path / "digits-train.parquet"))
     src = load_data(str(tmp_path), streaming=True)

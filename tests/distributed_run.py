@@ -49,8 +49,8 @@ def replaced(module, name: str, value) -> Iterator[None]:
         setattr(module, name, original)
 
 
-def rng_digest() -> str:
-    return hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.numpy().tobytes()).hexdigest()
 
 
 def global_batch_masking(draw, rank: int, world: int):
@@ -74,7 +74,7 @@ def print_first_draw(label: str, rank: int):
         def call(*args, **kwargs):
             if not printed and is_random(*args, **kwargs):
                 printed.append(True)
-                print(f"rank {rank} run {label} first draw {rng_digest()}", flush=True)
+                print(f"rank {rank} run {label} first draw {digest(torch.get_rng_state())}", flush=True)
             return draw(*args, **kwargs)
         return call
     return recorded

@@ -7,7 +7,6 @@ runs every objective's recipe in turn (``distributed_run.py``): the first is kil
 it and runs everything else.
 """
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from conftest import kill_processes, launch_processes, small_digits
-from distributed_run import MASKED, global_batch_masking
+from distributed_run import MASKED, digest, global_batch_masking
 from ssl_vit.checkpoint import load_checkpoint
 from ssl_vit.masking import random_masking
 from ssl_vit.objectives import OBJECTIVES
@@ -88,7 +87,10 @@ def launched(tmp_path_factory, data, teacher):
     saved a state. Launch 2: those runs again (they resume), the same runs never interrupted, and the
     runs that equal one process. Returns the run folders and what the processes printed."""
     root = tmp_path_factory.mktemp("processes")
-    argv = lambda kind, name, *extra: _argv(name, root / kind / name, data, teacher, *extra)
+
+    def argv(kind: str, name: str, *extra: str) -> list[str]:
+        return _argv(name, root / kind / name, data, teacher, *extra)
+
     per_process = {name: argv("resumed", name, *RESUME, *PER_PROCESS.get(name, [])) for name in OBJECTIVES}
     order = [name for name in OBJECTIVES if name != KILLED] + [KILLED]
     first = [{"objective": name, "argv": [*per_process[name], *([] if name == KILLED else ["--stop-at", str(STOP_AT)])]}
@@ -101,7 +103,12 @@ def launched(tmp_path_factory, data, teacher):
     resumed = [{"objective": n, "argv": per_process[n]} for n in order]
     plan = [*resumed, *whole, *same]
     stdout = launch_processes(2, plan)
-    return SimpleNamespace(root=root, plan=plan, stdout=stdout, argv=argv)
+    label = {(_out(run).parent.name, run["objective"]): i for i, run in enumerate(plan)}  # ("whole", "mae") -> 7
+    return SimpleNamespace(root=root, plan=plan, label=label, stdout=stdout, argv=argv)
+
+
+def _out(run: dict) -> Path:
+    return Path(run["argv"][run["argv"].index("--out") + 1])
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -136,7 +143,7 @@ def test_each_run_writes_one_checkpoint_from_the_main_process(launched):
     when process 1 saves late: the "same" runs)."""
     saves = re.findall(r"rank (\d+) run (\d+) saved (\S+)", launched.stdout)
     for label, run in enumerate(launched.plan):
-        out = Path(run["argv"][run["argv"].index("--out") + 1])
+        out = _out(run)
         assert [(r, path) for r, i, path in saves if int(i) == label] == [("0", str(out / "ckpt.pt"))], out
         step = load_checkpoint(str(out / "ckpt.pt"))["step"]
         assert [p.name for p in (out / "state").glob("step-*")] == [f"step-{step}"]
@@ -144,14 +151,10 @@ def test_each_run_writes_one_checkpoint_from_the_main_process(launched):
             "random_states_0.pkl", "random_states_1.pkl"}
 
 
-def _digest(state: torch.Tensor) -> str:
-    return hashlib.sha1(state.numpy().tobytes()).hexdigest()
-
-
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_each_process_draws_its_masks_and_drop_path_from_its_own_seed(launched, objective):
     """Process r's first mask or drop-path draw comes from seed + r (then each draws on from there):
     one seed on both made a step draw only batch / 2 distinct masks."""
-    label = next(i for i, run in enumerate(launched.plan) if f"/whole/{objective}" in " ".join(run["argv"]))
+    label = launched.label["whole", objective]
     drawn = dict(re.findall(rf"rank (\d+) run {label} first draw ([0-9a-f]{{40}})", launched.stdout))
-    assert drawn == {str(r): _digest(torch.Generator().manual_seed(r).get_state()) for r in range(2)}  # seed 0
+    assert drawn == {str(r): digest(torch.Generator().manual_seed(r).get_state()) for r in range(2)}  # seed 0

@@ -4,8 +4,7 @@ with a world size other than expected.
     accelerate launch ... tests/distributed_run.py EXPECTED_WORLD_SIZE PLAN
 
 ``PLAN``: JSON, a list of runs ``{"objective": NAME, "argv": [recipe flags], "shared_draws": BOOL,
-"slow_saves": BOOL}``,
-each from its objective's recipe defaults. ``shared_draws``: masks are drawn as one process drawing the
+"slow_saves": BOOL}``, each from its objective's recipe defaults. ``shared_draws``: masks are drawn as one process drawing the
 whole global batch would (``global_batch_masking``), so the run can equal a one-process run;
 ``slow_saves``: processes other than the main one start saving the training state 0.3 s late.
 
@@ -23,8 +22,8 @@ import itertools
 import json
 import sys
 import time
-from contextlib import ExitStack, contextmanager
-from typing import Iterator
+from contextlib import ExitStack
+from unittest.mock import patch
 
 import timm.layers.drop
 import torch
@@ -37,16 +36,6 @@ from ssl_vit.objectives import mae, masked_patch, msn
 from ssl_vit.train import run_recipe
 
 MASKED = (masked_patch, mae, msn)  # the objectives that draw ssl_vit.masking.random_masking
-
-
-@contextmanager
-def replaced(module, name: str, value) -> Iterator[None]:
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
 
 
 def digest(t: torch.Tensor) -> str:
@@ -104,15 +93,15 @@ def run_plan(runs: list[dict], state: PartialState) -> None:
             masking = global_batch_masking(masking, rank, world)
         with ExitStack() as patches:
             for module in MASKED:
-                patches.enter_context(replaced(module, "random_masking", recorded(masking)))
-            patches.enter_context(replaced(timm.layers.drop, "drop_path", recorded(
+                patches.enter_context(patch.object(module, "random_masking", recorded(masking)))
+            patches.enter_context(patch.object(timm.layers.drop, "drop_path", recorded(
                 timm.layers.drop.drop_path, lambda x, p=0.0, training=False, *a, **k: p > 0 and training)))
-            patches.enter_context(replaced(ssl_vit.train, "save_checkpoint", saved))
+            patches.enter_context(patch.object(ssl_vit.train, "save_checkpoint", saved))
             if run.get("slow_saves"):
-                patches.enter_context(replaced(Accelerator, "save_state", late(Accelerator.save_state)))
+                patches.enter_context(patch.object(Accelerator, "save_state", late(Accelerator.save_state)))
             # one process group serves every run: a second init_process_group under the launcher's store
             # reads the first one's addresses (gloo: "connection refused"), so end_training keeps it
-            patches.enter_context(replaced(PartialState, "destroy_process_group", lambda self, group=None: None))
+            patches.enter_context(patch.object(PartialState, "destroy_process_group", lambda self, group=None: None))
             run_recipe(run["objective"], None, argv=run["argv"])
     state.destroy_process_group()
 

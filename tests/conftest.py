@@ -1,12 +1,16 @@
 """Shared test helpers: tiny backbones and the real data folder (skipped where it is absent)."""
 
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable
 
 import pytest
 import torch
@@ -67,31 +71,47 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def launch_processes(num_processes: int, objective: str, argv: list[str], timeout: float = 300,
-                     recipe_defaults: bool = False, env: Optional[dict] = None, cwd: Optional[str] = None,
-                     check: bool = True) -> subprocess.CompletedProcess:
-    """Run a recipe in ``num_processes`` real CPU processes (gloo) and return the finished command
-    (``check``: asserted to have succeeded on every process).
+def launch_command(num_processes: int, runs: list[dict]) -> tuple[list[str], dict]:
+    """The command and environment that run the recipes of ``runs`` one after another in
+    ``num_processes`` real CPU processes (gloo): ``distributed_run.py`` describes ``runs``.
 
     ``accelerate launch --cpu --num_processes N`` silently starts one process; ``--multi_gpu`` with
     ``ACCELERATE_USE_CPU`` starts N. ``distributed_run.py`` exits with an error, inside the run,
     unless the world size is ``num_processes``, and prints ``rank R of N`` from each process.
     """
-    port = free_port()
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(Path(__file__).parent / "distributed_run.py"), str(num_processes), objective,
-           *(["--recipe-defaults"] if recipe_defaults else []), *argv]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
-    if not check:
-        return done
+           "--main_process_port", free_port(), "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(Path(__file__).parent / "distributed_run.py"), str(num_processes), json.dumps(runs)]
+    return cmd, {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+
+def launch_processes(num_processes: int, runs: list[dict], timeout: float = 300) -> str:
+    """Run ``runs`` (``launch_command``) to the end; returns what the processes printed."""
+    cmd, env = launch_command(num_processes, runs)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     # the processes print at once: their lines can run together, so match the words, not lines
     ranks = sorted(re.findall(r"rank (\d+) of (\d+)", done.stdout))
     assert ranks == [(str(r), str(num_processes)) for r in range(num_processes)], done.stdout[-2000:]
-    return done
+    return done.stdout
+
+
+def kill_processes(num_processes: int, runs: list[dict], when: Callable[[], bool], timeout: float = 300) -> None:
+    """Start ``runs`` (``launch_command``) and, once ``when()`` holds, SIGKILL the launcher and every
+    process it started at once (their process group); fails if the launch ends first."""
+    cmd, env = launch_command(num_processes, runs)
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the processes
+        launched = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while not when() and launched.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        alive = launched.poll() is None
+        if alive:
+            os.killpg(launched.pid, signal.SIGKILL)
+        launched.wait()
+        log.seek(0)
+        assert alive, f"the launch ended before it could be killed: {log.read()[-3000:]}"
 
 
 def small_digits(folder, n_train: int = 40, n_test: int = 20) -> str:

@@ -1,13 +1,14 @@
 """What the trainer does on hardware this machine lacks, tested by faking it: a TPU (no fused
 optimizer, the loader wrapped as torch_xla expects) and machines with their own disks (refused)."""
 
+import subprocess
 import sys
 import types
 
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import launch_processes
+from conftest import launch_command
 from ssl_vit.config import TrainConfig
 from ssl_vit.train.optim import fused_by_default
 from ssl_vit.train.pipeline import device_loader
@@ -44,8 +45,9 @@ def test_processes_that_do_not_see_the_run_folder_are_refused(tmp_path):
     machine with its own disk. Every process stops with the same line, before training."""
     (tmp_path / "node0").mkdir()
     (tmp_path / "node1").mkdir()
-    done = launch_processes(2, "supervised", [*TINY, "--out", "run"], cwd=str(tmp_path / "node0"), check=False,
-                            env={"RANK1_CWD": str(tmp_path / "node1")})
+    cmd, env = launch_command(2, [{"objective": "supervised", "argv": [*TINY, "--out", "run"]}])
+    done = subprocess.run(cmd, env={**env, "RANK1_CWD": str(tmp_path / "node1")}, cwd=str(tmp_path / "node0"),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     out = done.stdout + done.stderr
     assert "process 1 does not see the run folder" in out and "a filesystem every machine mounts" in out, out[-3000:]

@@ -11,7 +11,7 @@ from PIL import Image
 from timm.optim import create_optimizer_v2
 from torchvision.transforms import v2
 
-from conftest import launch_processes, tiny_hybrid, tiny_vit, train_step
+from conftest import tiny_hybrid, tiny_vit, train_step
 from ssl_vit.backbone import Backbone, BackboneConfig
 from ssl_vit.checkpoint import export_safetensors, load_backbone, load_checkpoint, objective_state, student_weights
 from ssl_vit.config import parse_run_config
@@ -340,19 +340,3 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
     whole = load_checkpoint(run_recipe("msn", argv=[*argv, "--out", str(tmp_path / "whole")]))
     assert resumed["step"] == 4
     assert_same_weights(resumed, whole)
-
-
-def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
-    """Two real processes (half of every batch each) end with the weights of one process: me-max and
-    Sinkhorn run over the batch of both, the teacher moves once per step. Without patch drop (each
-    process draws its own masks) and without the heads' BatchNorm (per process on CPUs), with SGD
-    (AdamW turns the rounding noise of near-zero gradients into whole steps)."""
-    argv = [*TINY_RECIPE, "--steps", "3", "--patch-drop", "0", "--no-head-bn", "--optimizer", "sgd",
-            "--weight-decay", "0", "--weight-decay-end", "0", "--clip-grad", "0", "--lr", "0.05", "--lr-ref-batch", "8",
-            "--momentum-teacher", "0.9"]
-    done = launch_processes(2, "msn", [*argv, "--out", str(tmp_path / "ddp")], recipe_defaults=True)
-    assert done.stdout.count("checkpoint:") == 1
-    two = load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))
-    one = load_checkpoint(run_recipe("msn", argv=[*argv, "--out", str(tmp_path / "one")]))
-    assert two["step"] == 3
-    assert_same_weights(two, one, rtol=1e-4)

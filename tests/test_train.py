@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from conftest import fit, launch_processes, small_digits, tiny_vit
+from conftest import fit, small_digits, tiny_vit
 from ssl_vit.checkpoint import load_backbone, load_checkpoint, objective_state
 from ssl_vit.data import MEAN, STD, EpochSampler, ImageDataset, load_data, make_loader, train_transform
 from ssl_vit.config import parse_run_config
@@ -275,18 +275,6 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
     assert 2 <= resumed_at <= 10  # at least two epoch boundaries still ahead
     assert_same_weights(load_checkpoint(str(tmp_path / "killed" / "ckpt.pt")),
                         load_checkpoint(str(tmp_path / "whole" / "ckpt.pt")))
-
-
-def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
-    """Two real processes (each half of every batch, gradients averaged) end with the weights of
-    one process, and write one checkpoint."""
-    argv = [*TINY, "--steps", "3", *SGD]
-    done = launch_processes(2, "supervised", [*argv, "--out", str(tmp_path / "ddp")])
-    assert done.stdout.count("checkpoint:") == 1
-    two = load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))
-    one = load_checkpoint(run_recipe("supervised", {}, argv=[*argv, "--out", str(tmp_path / "one")]))
-    assert two["step"] == 3
-    assert_same_weights(two, one, rtol=1e-4)
 
 
 def _records(run) -> list[dict]:

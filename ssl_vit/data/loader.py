@@ -86,16 +86,19 @@ class ExampleMaker:
             if self.skip_bad_images:
                 return None
             raise
-        # Augment under this example's own seed (torch's CPU and python RNGs), leaving global state alone.
+        # Augment under this example's own seed (torch's CPU, python's and numpy's RNGs: timm's RandAugment
+        # picks its ops with numpy), leaving global state alone.
         # Only the CPU generator: torch.manual_seed would also queue a lazy CUDA seeding, with a
         # captured stack trace, for every example (about 1.7 ms each, and a queue that only grows).
-        py_state = random.getstate()
+        py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             seed = _seed_for(self.seed, epoch, index)
             torch.default_generator.manual_seed(seed)
             random.seed(seed)
+            np.random.seed(seed % 2**32)
             image = self.transform(img)
         random.setstate(py_state)
+        np.random.set_state(np_state)
         out = {"image": image, "index": index}
         if self.label_column is not None:
             out["label"] = int(row[self.label_column])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
@@ -27,6 +28,15 @@ def to_normalized_tensor(mean: Sequence[float] = MEAN, std: Sequence[float] = ST
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
+def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's RandAugment posterize, keeping 0 bits as Pillow before 11 did (a black image, as in DeiT's
+    runs): newer Pillow refuses 0 bits, which ``PosterizeIncreasing`` asks for at magnitude 10, and
+    ``rand-m9-mstd0.5-inc1`` stopped about one image in 500 with "bits must be between ... 1 and 8"."""
+    if bits_to_keep >= 8:
+        return img
+    return ImageOps.posterize(img, bits_to_keep) if bits_to_keep > 0 else Image.new(img.mode, img.size)
+
+
 def train_transform(
     img_size: int,
     scale: Sequence[float] = (0.08, 1.0),
@@ -44,8 +54,12 @@ def train_transform(
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     if randaugment:
-        steps.append(rand_augment_transform(randaugment, {"translate_const": int(img_size * 0.45),
-                                                          "img_mean": tuple(round(255 * m) for m in mean)}))
+        augment = rand_augment_transform(randaugment, {"translate_const": int(img_size * 0.45),
+                                                       "img_mean": tuple(round(255 * m) for m in mean)})
+        for op in augment.ops:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = posterize
+        steps.append(augment)
     steps.append(to_normalized_tensor(mean, std))
     if random_erasing:
         steps.append(RandomErasing(random_erasing, mode="pixel", max_count=1, device="cpu"))

@@ -206,6 +206,7 @@ class StateFolder:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
             raise DiskFullError(tmp, f"; the last good state is kept ({self.latest() or 'none yet'})") from err
+        self.acc.wait_for_everyone()  # every process's random state is in tmp before it is renamed
         if self.acc.is_main_process:
             with open(os.path.join(tmp, "progress.json"), "w") as fh:
                 json.dump({"step": step, "nonfinite_steps": skipped_steps, "extra_batches": extra_batches}, fh)

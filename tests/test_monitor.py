@@ -17,6 +17,7 @@ from ssl_vit.evaluation import monitor as monitor_mod
 from ssl_vit.evaluation.monitor import MonitorImages, Monitors
 from ssl_vit.evaluation.rankme import rankme
 from ssl_vit.train import run_recipe
+from ssl_vit.viz.curves import curve_keys, plot_curves
 
 TINY = ["--model", "vit_tiny", "--depth", "1", "--patch-size", "4", "--img-size", "16", "--batch-size", "16",
         "--num-workers", "0", "--log-every", "2", "--report-to", "none"]
@@ -42,6 +43,9 @@ def test_a_monitored_run_logs_its_keys_at_their_steps_with_eval_knns_number_and_
     (record,) = knn_cli.main([path, "--k", "20", "--max-train", "200", "--max-test", "100", "--num-workers", "0",
                               "--cache-dir", str(tmp_path / "cache")])
     assert monitored[-1]["monitor_knn_top1"] == record["accuracy"]
+    # the curves PNG shows them by default
+    assert {"loss", "monitor_knn_top1", "monitor_rankme"} <= set(curve_keys(_records(tmp_path / "mon")))
+    assert plot_curves([str(tmp_path / "mon")], str(tmp_path / "curves.png")).endswith("curves.png")
     # monitoring reads the weights and never changes them (nor the random numbers the training draws)
     plain = run_recipe("supervised", {}, argv=[*argv, "--out", str(tmp_path / "plain")])
     assert not _monitored(_records(tmp_path / "plain"))

@@ -100,7 +100,7 @@ class TrainConfig:
     monitor_every: int = 200  # monitor every N steps (and at the last step)
     monitor_data: Optional[str] = None  # data set the monitors read (default: the run's own data)
     monitor_max_train: int = 1000  # fixed random subset of the monitor data's train split (kNN memory, few-shot pool)
-    monitor_max_test: int = 500  # fixed random subset of its test split (kNN and few-shot queries)
+    monitor_max_test: int = 250  # fixed random subset of its test split (kNN and few-shot queries)
 
     def __post_init__(self):
         for name, valid in CHOICES.items():

@@ -2,7 +2,7 @@
 (or, for RankMe, any) data, every ``--monitor-every`` steps and at the last step.
 
     --monitor knn,fewshot,rankme --monitor-every 200 [--monitor-data NAME_OR_PATH]
-        [--monitor-max-train 1000] [--monitor-max-test 500]
+        [--monitor-max-train 1000] [--monitor-max-test 250]
 
 The monitored backbone is the one ``ckpt.pt`` holds (``export_backbone``: the teacher for DINO and
 MSN), in eval mode under no_grad, its mode restored after. The monitor data's images are decoded,

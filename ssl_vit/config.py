@@ -23,8 +23,10 @@ from .errors import ConfigError
 CHOICES = {"precision": ("auto", "no", "bf16", "fp16"), "lr_scaling": ("linear", "sqrt"), "on_nonfinite": ("stop", "skip"),
            "clip_grad_mode": ("norm", "per_param")}
 AT_LEAST = {"steps": 0, "batch_size": 1, "grad_accum": 1, "log_every": 1, "save_every": 0, "eval_every": 0,
-            "num_workers": 0, "max_skipped_steps": 1}  # 0 for save_every / eval_every: at the end only
+            "num_workers": 0, "max_skipped_steps": 1, "monitor_every": 1, "monitor_max_train": 1,
+            "monitor_max_test": 1}  # 0 for save_every / eval_every: at the end only
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # --report-to also takes "all" (every one) and "none"
+MONITORS = ("knn", "fewshot", "rankme")  # --monitor: a comma-separated subset, or "none"
 
 
 def requested_trackers(report_to: str) -> tuple[str, ...]:
@@ -36,6 +38,18 @@ def requested_trackers(report_to: str) -> tuple[str, ...]:
     if unknown:
         raise ConfigError(f"--report-to {report_to}: unknown tracker {', '.join(map(repr, unknown))}; use one of "
                           f"{', '.join(TRACKERS)}, a comma-separated list of them (wandb,mlflow), all or none")
+    return tuple(dict.fromkeys(names))
+
+
+def requested_monitors(monitor: str) -> tuple[str, ...]:
+    """The online monitors ``--monitor`` names: a comma-separated subset of MONITORS, or "none"."""
+    names = [name.strip() for name in monitor.split(",")]
+    if names == ["none"]:
+        return ()
+    unknown = [name for name in names if name not in MONITORS]
+    if unknown:
+        raise ConfigError(f"--monitor {monitor}: unknown monitor {', '.join(map(repr, unknown))}; use one of "
+                          f"{', '.join(MONITORS)}, a comma-separated list of them (knn,rankme) or none")
     return tuple(dict.fromkeys(names))
 
 
@@ -81,6 +95,12 @@ class TrainConfig:
     max_skipped_steps: int = 10  # with --on-nonfinite skip: skip at most this many non-finite steps in a row
     compile: bool = False  # torch.compile the objective
     report_to: str = "tensorboard"  # experiment trackers: tensorboard, wandb, mlflow, a list (wandb,mlflow), all, none
+    # online monitors of the representation (ssl_vit.evaluation.monitor)
+    monitor: str = "none"  # knn, fewshot, rankme, a comma-separated subset (knn,rankme) or none
+    monitor_every: int = 200  # monitor every N steps (and at the last step)
+    monitor_data: Optional[str] = None  # data set the monitors read (default: the run's own data)
+    monitor_max_train: int = 1000  # fixed random subset of the monitor data's train split (kNN memory, few-shot pool)
+    monitor_max_test: int = 250  # fixed random subset of its test split (kNN and few-shot queries)
 
     def __post_init__(self):
         for name, valid in CHOICES.items():
@@ -96,6 +116,7 @@ class TrainConfig:
         if self.stop_at is not None and self.stop_at < 0:
             raise ConfigError(f"--stop-at {self.stop_at}: must be >= 0")
         requested_trackers(self.report_to)
+        requested_monitors(self.monitor)
 
 
 @dataclass

@@ -128,7 +128,8 @@ def frozen_autocast(device: torch.device):
 def extract(represent: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset, batch_size: int,
             num_workers: int, device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Representations [N, D] (float32, CPU; ``represent``: images [B, C, H, W] -> [B, D], such as a
-    backbone), labels [N] and positions in ``dataset`` [N] of every readable image, in data set order."""
+    backbone), labels [N] (-1 for a split without labels) and positions in ``dataset`` [N] of every
+    readable image, in data set order."""
     sampler = EpochSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
     loader = make_loader(dataset, sampler, num_workers, pin_memory=device.type == "cuda")
     autocast = frozen_autocast(device)
@@ -142,7 +143,7 @@ def extract(represent: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDat
             with autocast:
                 out = represent(batch["image"].to(device, non_blocking=True))
             feats.append(out.float().cpu())
-            labels.append(batch["label"])
+            labels.append(batch.get("label", torch.full((len(out),), -1)))  # -1: a split without labels
             positions.append(batch["index"])
             bar.update(len(out))
     if skipped:

@@ -27,6 +27,7 @@ from ..config import RunConfig, requested_trackers
 from ..data import MEAN, STD, DataError, DataSource, load_data
 from ..data.subsets import labelled_fraction
 from ..errors import ConfigError
+from ..evaluation.monitor import Monitors
 from ..objectives import DataInfo, Objective, StepInfo, get_objective
 from .evaluation import evaluate
 from .metrics_log import MetricLog
@@ -73,6 +74,7 @@ class Trainer:
         self.source = self._source(objective_cls)
         self.data_info = DataInfo(tc.data, self.source.num_classes, self.source.class_names, MEAN, STD,
                                   run.backbone.img_size)
+        self.monitors = Monitors.build(tc, self.source, self.data_info, self.acc)  # checked before any write
         self.objective = objective_cls(self._backbone(objective_cls), run.objective_config, self.data_info)
         self.objective.prepare_training()
         transform = objective_cls.train_transform(tc, run.objective_config, self.data_info)
@@ -181,6 +183,7 @@ class Trainer:
             record = self.log.record(step, epoch, max(g["lr"] for g in self.optimizer.param_groups))
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             img_s=f"{record['images_per_s']:.0f}")
+        self._report(self.monitors(step, end, plain(self.model, self.acc)), step, f"step {step}: ")
         if evaluate:
             self._report(self.evaluate(), step, f"step {step}: ")
         if save:

@@ -29,7 +29,8 @@ TRACKERS_FILE = "trackers.json"  # the W&B and MLflow run ids that a resumed run
 SHARED_FILE, SHARED_WAIT_S = ".shared", 3.0  # a token the main process writes; how long others look for it
 # Settings that may change between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = {"out", "save_every", "log_every", "eval_every", "num_workers", "compile", "skip_bad_images",
-                     "stop_at", "max_skipped_steps", "report_to"}
+                     "stop_at", "max_skipped_steps", "report_to", "monitor", "monitor_every", "monitor_data",
+                     "monitor_max_train", "monitor_max_test"}  # monitors read the weights, never change them
 
 
 def default_out(run: RunConfig) -> str:

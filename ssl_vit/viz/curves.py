@@ -2,7 +2,8 @@
 
     python -m ssl_vit.viz.curves runs/dino RUN ... --keys loss teacher_entropy --out curves.png
 
-One panel per metric (``--keys``; default: every metric the first run logged), one line per run.
+One panel per metric (``--keys``; default: every metric the first run logged, the monitors'
+``monitor_*`` records included), one line per run.
 TensorBoard shows the same numbers live; this is the picture to put in a report or a README. For
 DINO runs, panels of the loss and the teacher's entropies get a dashed line at ln K (the value at
 collapse to a uniform output), read from the run's ``config.json``.
@@ -52,15 +53,21 @@ def ln_k(run: str) -> Optional[float]:
     return math.log(config["objective_config"]["out_dim"])
 
 
+def curve_keys(records: list[dict]) -> list[str]:
+    """Every numeric metric of any record (training, test, ``monitor_*``), in the order first logged."""
+    return list(dict.fromkeys(k for r in records for k, v in r.items()
+                              if k not in NOT_CURVES and isinstance(v, (int, float))))
+
+
 def plot_curves(runs: Sequence[str], out: str, keys: Optional[Sequence[str]] = None) -> str:
     """Write the PNG of ``keys`` against step for every run; returns ``out``."""
     metrics = {run: read_metrics(run) for run in runs}
     ln_ks = {run: value for run in runs if (value := ln_k(run)) is not None}  # DINO runs only
-    first = metrics[runs[0]][0]
-    keys = list(keys or [k for k, v in first.items() if k not in NOT_CURVES and isinstance(v, (int, float))])
+    logged = curve_keys(metrics[runs[0]])
+    keys = list(keys or logged)
     unknown = [k for k in keys if not any(k in r for records in metrics.values() for r in records)]
     if unknown:
-        raise UserError(f"no run logged {unknown}; metrics logged: {sorted(set(first) - NOT_CURVES)}")
+        raise UserError(f"no run logged {unknown}; metrics logged: {sorted(logged)}")
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)

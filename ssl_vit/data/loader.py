@@ -9,6 +9,7 @@ each example is augmented under its own seed, so a resumed run sees exactly the 
 from __future__ import annotations
 
 import io
+import os
 import random
 from typing import Callable, Iterator, Optional
 
@@ -204,6 +205,19 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         per_rank = len(range(self.rank, self.usable, self.world_size))
         return max(0, per_rank - self.start_batch * self.batch_size)
+
+
+MAX_AUTO_WORKERS = 16  # beyond this, more worker processes mostly cost memory
+
+
+def resolve_workers(num_workers, processes_here: int = 1) -> int:
+    """``--num-workers``: a count as given, or for "auto" the CPUs this process may use (its affinity
+    mask, which a container or ``taskset`` narrows), shared by the ``processes_here`` training
+    processes of this machine, less one for the process itself; at most MAX_AUTO_WORKERS."""
+    if num_workers != "auto":
+        return int(num_workers)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(MAX_AUTO_WORKERS, cpus // max(processes_here, 1) - 1))
 
 
 def make_loader(dataset, sampler: Optional[EpochSampler], num_workers: int, pin_memory: bool,

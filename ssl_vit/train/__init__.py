@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..backbone import build_backbone
 from ..checkpoint import init_weights, load_backbone, load_weights, save_checkpoint
 from ..config import RunConfig, requested_trackers
-from ..data import MEAN, STD, DataError, DataSource, load_data
+from ..data import MEAN, STD, DataError, DataSource, load_data, resolve_workers
 from ..data.subsets import labelled_fraction
 from ..errors import ConfigError
 from ..objectives import DataInfo, Objective, StepInfo, get_objective
@@ -75,7 +75,7 @@ class Trainer:
                                   run.backbone.img_size)
         self.objective = objective_cls(self._backbone(objective_cls), run.objective_config, self.data_info)
         self.objective.prepare_training()
-        transform = objective_cls.train_transform(tc, run.objective_config, self.data_info)
+        transform = objective_cls.train_transform(tc, run.objective_config, self.data_info, uint8=True)
         self.data = DataPipeline(run, self.source, objective_cls, transform, shard)
         self.steps_per_epoch = self.data.steps_per_epoch
         optimizer = build_optimizer(self.objective, tc)
@@ -104,7 +104,9 @@ class Trainer:
         per_step = acc.num_processes * tc.grad_accum
         if tc.batch_size % per_step:
             raise ConfigError(f"--batch-size {tc.batch_size} must be divisible by processes x --grad-accum = {per_step}")
-        return Shard(acc.process_index, acc.num_processes, tc.batch_size // per_step, acc.device.type == "cuda")
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))  # training processes on this machine
+        return Shard(acc.process_index, acc.num_processes, tc.batch_size // per_step, acc.device.type == "cuda",
+                     resolve_workers(tc.num_workers, here), str(acc.device), here)
 
     def _source(self, objective_cls) -> DataSource:
         """The run's data, checked against what the objective needs; cut to --label-fraction."""
@@ -143,7 +145,7 @@ class Trainer:
             if "image" not in batch:
                 continue
             with self.acc.autocast():
-                part = objective.evaluate_batch(to_device(batch, self.acc.device))
+                part = objective.evaluate_batch(self.data.test_on_device(to_device(batch, self.acc.device)))
             for k, v in part.items():
                 sums[k] = sums.get(k, 0) + v
         objective.train()
@@ -208,7 +210,7 @@ class Trainer:
             info = StepInfo(step, tc.steps, epoch, self.steps_per_epoch)
             self.scheduler.step_update(step + 1)  # lr of this step: warmup from lr/warmup, cosine to min_lr
             result = optimizer_step(self.acc, self.model, objective, self.optimizer, group, info, tc.clip_grad,
-                                    tc.clip_grad_mode)
+                                    tc.clip_grad_mode, on_device=self.data.on_device)
             self.skipped_images += result.skipped_images
             if not result.finite:
                 self._handle_nonfinite(step, result)

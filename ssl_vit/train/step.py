@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ..data.device import DeviceBatch
 from ..objectives import StepInfo
 
 
@@ -53,8 +54,8 @@ def clip_per_parameter(parameters, max_norm: float) -> None:
 
 def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.optim.Optimizer,
                    micro_batches: list[dict], info: StepInfo, clip_grad: float, clip_mode: str = "norm",
-                   forward: Optional[Callable] = None, host_sync: Callable[[], ContextManager] = nullcontext
-                   ) -> StepResult:
+                   forward: Optional[Callable] = None, host_sync: Callable[[], ContextManager] = nullcontext,
+                   on_device: Callable[[dict], dict] = DeviceBatch()) -> StepResult:
     """One update of ``model`` (prepared by ``acc``, or plain) from ``micro_batches``.
 
     ``hooks``: the objective (``start_step``, ``before_optimizer_step``, ``end_step``); ``forward``:
@@ -62,7 +63,8 @@ def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.o
     so accumulation equals the large batch; gradients are all-reduced on the last one only.
     ``clip_mode``: ``norm`` clips the global norm to ``clip_grad``, ``per_param`` each parameter's
     (DINO; after ``before_optimizer_step``, where DINO clips first: per parameter the order does
-    not matter, a dropped gradient stays dropped). The one host sync (``host_sync`` wraps it)
+    not matter, a dropped gradient stays dropped). ``on_device``: what a batch becomes on the device
+    (uint8 images made float and normalised: ``ssl_vit.data.device``). The one host sync (``host_sync`` wraps it)
     keeps a non-finite loss or gradient from the weights.
     """
     forward = forward or model
@@ -71,7 +73,7 @@ def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.o
     loss_sum, sums, images, skipped = torch.zeros((), device=acc.device), {}, 0, 0
     for i, batch in enumerate(micro_batches):
         skipped += batch.pop("skipped", 0)
-        batch = to_device(batch, acc.device)
+        batch = on_device(to_device(batch, acc.device))
         with nullcontext() if i == n - 1 else acc.no_sync(model):
             with acc.autocast():  # a prepared model autocasts itself; a plain one (the benchmark's) here
                 loss, metrics = forward(batch)

@@ -7,10 +7,9 @@ Three paths deliver the same thing, a batch of normalised float images on the tr
 
 - ``pil``: the recipe's loader as the trainer builds it (``split_loader``: PIL decoding and the
   objective's per-image augmentation in ``--workers`` worker processes, uint8 batches), then the
-  device normalisation (``ssl_vit.data.device``). Per core: images/s / workers.
+  device normalisation (``ssl_vit.data.device``).
 - ``device``: ``--data-on-device`` (``ssl_vit.data.in_memory``): the images decoded once (not timed),
-  augmented a batch at a time on the device (CUDA when present, else one CPU thread). Per core:
-  images/s (one process, one core feeding it).
+  augmented a batch at a time on the device (CUDA when present, else one CPU thread).
 - ``timm``: ``timm.data.create_loader`` with ``create_transform``'s same random resized crop (scale,
   bicubic) and flip, no colour jitter, its prefetcher normalising on the device, the same workers
   (crop-and-flip objectives only: timm has no multi-crop loader).
@@ -18,7 +17,8 @@ Three paths deliver the same thing, a batch of normalised float images on the tr
 Data: CIFAR-10 from ``../shared/data/cifar10`` at 32 px when present, else synthetic 32 x 32 PNGs;
 at 224 px synthetic 256 x 256 JPEGs (smooth random images, quality 90), made in memory. Rates are
 counted from the batch after each worker has delivered one (workers started and busy) for at least
-``--seconds``.
+``--seconds``. Per core: images per CPU second of this process and its workers (from ``/proc``), so
+other load on the machine does not lower it; images/s is wall-clock.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,19 +92,40 @@ def recipe(objective: str, img_size: int):
 
 
 # ----- timing -----
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its live children (the loader's workers): from
+    ``/proc`` on Linux, this process alone elsewhere. A rate per CPU second is a rate per core, whatever
+    else loads the machine."""
+    total = time.process_time()
+    proc = Path("/proc")
+    if not proc.exists():
+        return total
+    me, tick = os.getpid(), os.sysconf("SC_CLK_TCK")
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == me:  # fields[1]: the parent's pid; [11], [12]: user and system ticks
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def time_batches(batches: Iterator, batch_size: int, warm: int, seconds: float, min_batches: int,
-                 device: torch.device) -> float:
-    """Images/s of ``batches`` after the first ``warm`` ones, over at least ``seconds`` and ``min_batches``."""
+                 device: torch.device) -> tuple[float, float]:
+    """(images/s, images per CPU second) of ``batches`` after the first ``warm`` ones, over at least
+    ``seconds`` and ``min_batches``."""
     for _ in range(warm):
         next(batches)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
-    t0, done = time.perf_counter(), 0
+    t0, cpu0, done = time.perf_counter(), cpu_seconds(), 0
     while done < min_batches or time.perf_counter() - t0 < seconds:
         next(batches)
         done += 1
     sync()
-    return done * batch_size / (time.perf_counter() - t0)
+    images = done * batch_size
+    return images / (time.perf_counter() - t0), images / max(cpu_seconds() - cpu0, 1e-9)
 
 
 def endless(loader, sampler: Optional[EpochSampler] = None) -> Iterator:
@@ -116,7 +138,7 @@ def endless(loader, sampler: Optional[EpochSampler] = None) -> Iterator:
 
 
 def pil_rate(source: DataSource, objective: str, img_size: int, workers: int, seconds: float,
-             device: torch.device) -> float:
+             device: torch.device) -> tuple[float, float]:
     run, cls, transform = recipe(objective, img_size)
     shard = Shard(micro_batch=BATCH[img_size], pin_memory=device.type == "cuda", workers=workers)
     label = source.label_column if cls.needs_labels else None
@@ -126,7 +148,8 @@ def pil_rate(source: DataSource, objective: str, img_size: int, workers: int, se
     return time_batches(batches, BATCH[img_size], max(workers, 1) + 1, seconds, max(workers, 1), device)
 
 
-def device_rate(images: torch.Tensor, labels: torch.Tensor, objective: str, img_size: int, seconds: float) -> float:
+def device_rate(images: torch.Tensor, labels: torch.Tensor, objective: str, img_size: int, seconds: float
+                ) -> tuple[float, float]:
     run, _, transform = recipe(objective, img_size)
     sampler = EpochSampler(len(images), BATCH[img_size], seed=0)
     loader = InMemoryLoader(images, labels, batch_augmentation(transform, img_size, run.train), sampler, seed=0)
@@ -150,7 +173,7 @@ class TimmDataset(torch.utils.data.Dataset):
 
 
 def timm_rate(source: DataSource, objective: str, img_size: int, workers: int, seconds: float,
-              device: torch.device) -> float:
+              device: torch.device) -> tuple[float, float]:
     from timm.data import create_loader
 
     run, _, _ = recipe(objective, img_size)
@@ -169,31 +192,30 @@ def measure(img_size: int, objectives: list[str], workers: int, seconds: float, 
     decode_s = time.perf_counter() - t0
     rows = []
     for objective in objectives:
-        pil = pil_rate(source, objective, img_size, workers, seconds, device)
-        on_device = device_rate(images, labels, objective, img_size, seconds)
+        pil, pil_core = pil_rate(source, objective, img_size, workers, seconds, device)
+        on_device, device_core = device_rate(images, labels, objective, img_size, seconds)
         row = {"img_size": img_size, "objective": objective, "data": source.name, "batch_size": BATCH[img_size],
-               "workers": workers, "pil_images_per_s": pil, "pil_per_core": pil / max(workers, 1),
-               "device": device.type, "device_images_per_s": on_device, "device_per_core": on_device,
-               "device_decode_s": decode_s}
-        row["device_over_pil_per_core"] = row["device_per_core"] / row["pil_per_core"]
+               "workers": workers, "pil_images_per_s": pil, "pil_per_core": pil_core, "device": device.type,
+               "device_images_per_s": on_device, "device_per_core": device_core, "device_decode_s": decode_s,
+               "device_over_pil_per_core": device_core / pil_core}
         if objective in CROP_AND_FLIP:
-            timm = timm_rate(source, objective, img_size, workers, seconds, device)
-            row.update(timm_images_per_s=timm, timm_per_core=timm / max(workers, 1),
-                       pil_over_timm_per_core=pil / timm)
+            timm, timm_core = timm_rate(source, objective, img_size, workers, seconds, device)
+            row.update(timm_images_per_s=timm, timm_per_core=timm_core, pil_over_timm_per_core=pil_core / timm_core)
         rows.append(row)
         print(format_row(row), flush=True)
     return rows
 
 
-HEADER = ("px  objective     workers  pil img/s  pil /core  timm /core  pil/timm  device img/s  device/pil  "
-          f"cores for {REFERENCE_STEP[1]} img/s (pil, device)")
+HEADER = ("px  objective     workers  pil img/s  pil /core  timm /core  pil/timm  device img/s  device /core  "
+          f"device/pil  cores for {REFERENCE_STEP[1]} img/s (pil, device)")
 
 
 def format_row(r: dict) -> str:
     timm = f"{r['timm_per_core']:10.0f}  {r['pil_over_timm_per_core']:8.2f}" if "timm_per_core" in r else f"{'-':>10}  {'-':>8}"
     need = REFERENCE_STEP[1]
     return (f"{r['img_size']:<3} {r['objective']:<13} {r['workers']:>7}  {r['pil_images_per_s']:9.0f}  "
-            f"{r['pil_per_core']:9.0f}  {timm}  {r['device_images_per_s']:12.0f}  {r['device_over_pil_per_core']:10.1f}  "
+            f"{r['pil_per_core']:9.0f}  {timm}  {r['device_images_per_s']:12.0f}  {r['device_per_core']:12.0f}  "
+            f"{r['device_over_pil_per_core']:10.1f}  "
             f"{need / r['pil_per_core']:.1f}, {need / r['device_per_core']:.2f}")
 
 

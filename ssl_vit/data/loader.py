@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from datasets import Dataset, Image as ImageFeature, IterableDataset
 from datasets.distributed import split_dataset_by_node
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import IterableDataset as TorchIterableDataset
 from torch.utils.data import default_collate
@@ -43,6 +43,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
             low, high = 0.0, max(65535.0, float(values.max()))
         scaled = (values - low) / max(high - low, 1e-12)
         img = Image.fromarray(np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8), mode="L")
+    if img.mode == "RGB":  # convert would copy it
+        img.load()
+        return img
     return img.convert("RGB")
 
 
@@ -80,6 +83,24 @@ class ExampleMaker:
                 "images (they are counted and reported)"
             ) from err
 
+    def augment(self, img: Image.Image, seed: int):
+        """The transform under this example's own seed (torch's CPU and python RNGs). In the training
+        process the global state is saved and restored around it; a loader worker's generators serve
+        its examples alone, so there they are only seeded. Only the CPU generator: torch.manual_seed
+        would also queue a lazy CUDA seeding, with a captured stack trace, for every example (about
+        1.7 ms each, and a queue that only grows)."""
+        if get_worker_info() is not None:
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            return self.transform(img)
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            image = self.transform(img)
+        random.setstate(py_state)
+        return image
+
     def __call__(self, row: dict, epoch: int, index: int) -> Optional[dict]:
         try:
             img = self.decode(row[self.image_column], index)
@@ -87,17 +108,7 @@ class ExampleMaker:
             if self.skip_bad_images:
                 return None
             raise
-        # Augment under this example's own seed (torch's CPU and python RNGs), leaving global state alone.
-        # Only the CPU generator: torch.manual_seed would also queue a lazy CUDA seeding, with a
-        # captured stack trace, for every example (about 1.7 ms each, and a queue that only grows).
-        py_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            seed = _seed_for(self.seed, epoch, index)
-            torch.default_generator.manual_seed(seed)
-            random.seed(seed)
-            image = self.transform(img)
-        random.setstate(py_state)
-        out = {"image": image, "index": index}
+        out = {"image": self.augment(img, _seed_for(self.seed, epoch, index)), "index": index}
         if self.label_column is not None:
             out["label"] = int(row[self.label_column])
         return out

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from .transforms import MEAN, STD, to_tensor
+from .transforms import MEAN, STD, CropAndFlip, to_tensor
 
 PAPER_SIZES = (224, 96)  # (global, local) crop sizes in pixels
 SMALL_IMAGE_SIZES = (32, 16)  # for 32 px images, see the module docstring
@@ -82,24 +82,20 @@ class MultiCrop:
         self.color_jitter, self.blur_p, self.solarize_p = tuple(color_jitter), tuple(blur_p), solarize_p
         self.blur_kernel, self.blur_sigma = kernel, sigma
 
-        def crop(size: int, scale: Sequence[float]) -> v2.RandomResizedCrop:
-            return v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC,
-                                        antialias=True)
-
         def blur(p: float) -> v2.RandomApply:
             return v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma)], p=p)
 
-        flip_and_color_jitter = v2.Compose([
-            v2.RandomHorizontalFlip(p=0.5),
+        colour = v2.Compose([
             v2.RandomApply([v2.ColorJitter(*color_jitter)], p=0.8),
             v2.RandomGrayscale(p=0.2),
             v2.ToImage(),  # PIL above (faster there), uint8 tensor below (blur is faster there)
         ])
         normalize = to_tensor(mean, std, uint8)
-        self.global_1 = v2.Compose([crop(global_size, global_scale), flip_and_color_jitter, blur(blur_p[0]), normalize])
-        self.global_2 = v2.Compose([crop(global_size, global_scale), flip_and_color_jitter, blur(blur_p[1]),
+        # each view: crop and flip (DINO's flip_and_color_jitter begins with the flip), colour, blur, ...
+        self.global_1 = v2.Compose([CropAndFlip(global_size, global_scale), colour, blur(blur_p[0]), normalize])
+        self.global_2 = v2.Compose([CropAndFlip(global_size, global_scale), colour, blur(blur_p[1]),
                                     v2.RandomSolarize(SOLARIZE_THRESHOLD, p=solarize_p), normalize])
-        self.local = v2.Compose([crop(local_size, local_scale), flip_and_color_jitter, blur(blur_p[2]), normalize])
+        self.local = v2.Compose([CropAndFlip(local_size, local_scale), colour, blur(blur_p[2]), normalize])
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         local = [self.local(image) for _ in range(self.local_crops_number)]

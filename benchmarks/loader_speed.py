@@ -18,7 +18,9 @@ Data: CIFAR-10 from ``../shared/data/cifar10`` at 32 px when present, else synth
 at 224 px synthetic 256 x 256 JPEGs (smooth random images, quality 90), made in memory. Rates are
 counted from the batch after each worker has delivered one (workers started and busy) for at least
 ``--seconds``. Per core: images per CPU second of this process and its workers (from ``/proc``), so
-other load on the machine does not lower it; images/s is wall-clock.
+other load on the machine does not lower it; images/s is wall-clock. With workers, the batches in flight at either end of the timed window
+blur the count by up to one batch per worker, so the default is one worker (the trainer's code
+path, one core) over at least MIN_BATCHES batches.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ OBJECTIVES = ("supervised", "masked_patch", "mae", "dino", "msn")
 CROP_AND_FLIP = {"supervised", "masked_patch", "mae"}  # the objectives whose augmentation timm's loader has
 PAPER_SETTINGS = {"dino": dict(local_crop_size=96), "msn": dict(focal_size=96)}  # at 224 px (train_throughput's)
 BATCH = {32: 256, 224: 64}
+MIN_BATCHES = 5  # timed batches at least, whatever --seconds
 IMAGES = {32: 4096, 224: 512}  # images in the data set (the device path holds them all)
 STORED_224 = 256  # synthetic images for 224 px crops are stored at 256 x 256 (ImageNet resized to 256)
 REFERENCE_STEP = ("ViT-B/16 at 224 px, one H100-class GPU, bf16", 3000)  # images/s a training step consumes
@@ -145,7 +148,7 @@ def pil_rate(source: DataSource, objective: str, img_size: int, workers: int, se
     loader, sampler = split_loader(source.train, source, label, transform, run, shard, train=True)
     prepare = DeviceBatch()
     batches = (prepare(to_device(b, device)) for b in endless(loader, sampler))
-    return time_batches(batches, BATCH[img_size], max(workers, 1) + 1, seconds, max(workers, 1), device)
+    return time_batches(batches, BATCH[img_size], max(workers, 1) + 1, seconds, MIN_BATCHES, device)
 
 
 def device_rate(images: torch.Tensor, labels: torch.Tensor, objective: str, img_size: int, seconds: float
@@ -155,7 +158,7 @@ def device_rate(images: torch.Tensor, labels: torch.Tensor, objective: str, img_
     loader = InMemoryLoader(images, labels, batch_augmentation(transform, img_size, run.train), sampler, seed=0)
     prepare = DeviceBatch()
     batches = (prepare(b) for b in endless(loader, sampler))
-    return time_batches(batches, BATCH[img_size], 1, seconds, 2, images.device)
+    return time_batches(batches, BATCH[img_size], 1, seconds, MIN_BATCHES, images.device)
 
 
 class TimmDataset(torch.utils.data.Dataset):
@@ -181,12 +184,13 @@ def timm_rate(source: DataSource, objective: str, img_size: int, workers: int, s
                            is_training=True, scale=tuple(run.train.crop_scale), hflip=0.5 if run.train.hflip else 0.0,
                            color_jitter=None, interpolation="bicubic", mean=MEAN, std=STD, num_workers=workers,
                            device=device, use_prefetcher=True, pin_memory=device.type == "cuda")
-    return time_batches(endless(loader), BATCH[img_size], max(workers, 1) + 1, seconds, max(workers, 1), device)
+    return time_batches(endless(loader), BATCH[img_size], max(workers, 1) + 1, seconds, MIN_BATCHES, device)
 
 
 # ----- the table -----
-def measure(img_size: int, objectives: list[str], workers: int, seconds: float, device: torch.device) -> list[dict]:
-    source = data_for(img_size, IMAGES[img_size])
+def measure(img_size: int, objectives: list[str], workers: int, seconds: float, device: torch.device,
+            n_images: Optional[int] = None) -> list[dict]:
+    source = data_for(img_size, n_images or IMAGES[img_size])
     t0 = time.perf_counter()
     images, labels = decode_split(source.train, source.image_column, source.label_column, source.name, device)
     decode_s = time.perf_counter() - t0
@@ -224,19 +228,33 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--img-size", type=int, nargs="+", default=[32, 224], choices=sorted(BATCH))
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per path (after warm-up)")
-    p.add_argument("--workers", default="auto", help="loader workers of the PIL and timm paths (auto: as the trainer)")
+    p.add_argument("--workers", default="1", help="loader workers of the PIL and timm paths (auto: as the trainer; "
+                   "each worker blurs the CPU count by up to a batch in flight at either end)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: 256 at 32 px, 64 at 224 px)")
+    p.add_argument("--images", type=int, help="images in the data set (default: 4096 at 32 px, 512 at 224 px)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     device, workers = torch.device(args.device), resolve_workers(args.workers)
+    if args.batch_size:
+        BATCH.update({size: args.batch_size for size in BATCH})
+    threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # the device path on one core
+    try:
+        return run(args, device, workers, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args, device: torch.device, workers: int, argv: Optional[list[str]]) -> dict:
     print(f"reference: {REFERENCE_STEP[0]}: a training step consumes ~{REFERENCE_STEP[1]} images/s; the last column "
           "is the CPU cores each path needs to keep up")
     print(HEADER)
-    rows = [row for size in args.img_size for row in measure(size, args.objectives, workers, args.seconds, device)]
+    rows = [row for size in args.img_size
+            for row in measure(size, args.objectives, workers, args.seconds, device, args.images)]
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "cpus": len(__import__("os").sched_getaffinity(0)), "torch": torch.__version__,
+              "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
               "command": " ".join(["python", "benchmarks/loader_speed.py", *(argv if argv is not None else sys.argv[1:])]),
               "reference_step": {"what": REFERENCE_STEP[0], "images_per_s": REFERENCE_STEP[1]}, "rows": rows}
     if args.json:

@@ -297,7 +297,7 @@ def time_data_pipeline(objective: str, model: str, batch_size: int, batches: int
     run = run_config(spec)
     cls = get_objective(objective)
     info = DataInfo(source.name, source.num_classes, source.class_names, MEAN, STD, run.backbone.img_size)
-    transform = cls.train_transform(run.train, run.objective_config, info)
+    transform = cls.train_transform(run.train, run.objective_config, info, uint8=True)  # as the trainer sends them
     label = source.label_column if cls.needs_labels else None
     workers = resolve_workers(run.train.num_workers)
     shard = Shard(micro_batch=batch_size, pin_memory=device.type == "cuda", workers=workers)

@@ -60,7 +60,7 @@ def check_fits(n: int, shape: Sequence[int], device: torch.device, processes_her
                         "(the loader's workers decode it as it trains)")
 
 
-def _stack(items: list) -> list:
+def _as_list(items: list) -> list:
     return items
 
 
@@ -75,7 +75,7 @@ def decode_split(split, image_column: str, label_column: Optional[str], name: st
         raise DataError(f"--data-on-device: no readable image in the train split of {name}")
     check_fits(len(ds), first["image"].shape, device, processes_here, name)
     images, labels = [], []
-    for chunk in DataLoader(ds, batch_size=1024, num_workers=workers, collate_fn=_stack):
+    for chunk in DataLoader(ds, batch_size=1024, num_workers=workers, collate_fn=_as_list):
         for item in chunk:
             if item is None:
                 continue

@@ -52,8 +52,8 @@ CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 OBJECTIVES = ("supervised", "masked_patch", "mae", "dino", "msn")
 CROP_AND_FLIP = {"supervised", "masked_patch", "mae"}  # the objectives whose augmentation timm's loader has
 PAPER_SETTINGS = {"dino": dict(local_crop_size=96), "msn": dict(focal_size=96)}  # at 224 px (train_throughput's)
-BATCH = {32: 256, 224: 64}
-MIN_BATCHES = 5  # timed batches at least, whatever --seconds
+BATCH = {32: 128, 224: 64}
+MIN_BATCHES = 4  # timed batches at least, whatever --seconds (DINO and MSN at 224 px: ~8 s on one core)
 IMAGES = {32: 4096, 224: 512}  # images in the data set (the device path holds them all)
 STORED_224 = 256  # synthetic images for 224 px crops are stored at 256 x 256 (ImageNet resized to 256)
 REFERENCE_STEP = ("ViT-B/16 at 224 px, one H100-class GPU, bf16", 3000)  # images/s a training step consumes
@@ -148,7 +148,7 @@ def pil_rate(source: DataSource, objective: str, img_size: int, workers: int, se
     loader, sampler = split_loader(source.train, source, label, transform, run, shard, train=True)
     prepare = DeviceBatch()
     batches = (prepare(to_device(b, device)) for b in endless(loader, sampler))
-    return time_batches(batches, BATCH[img_size], max(workers, 1) + 1, seconds, MIN_BATCHES, device)
+    return time_batches(batches, BATCH[img_size], max(workers, 1), seconds, MIN_BATCHES, device)
 
 
 def device_rate(images: torch.Tensor, labels: torch.Tensor, objective: str, img_size: int, seconds: float
@@ -184,7 +184,7 @@ def timm_rate(source: DataSource, objective: str, img_size: int, workers: int, s
                            is_training=True, scale=tuple(run.train.crop_scale), hflip=0.5 if run.train.hflip else 0.0,
                            color_jitter=None, interpolation="bicubic", mean=MEAN, std=STD, num_workers=workers,
                            device=device, use_prefetcher=True, pin_memory=device.type == "cuda")
-    return time_batches(endless(loader), BATCH[img_size], max(workers, 1) + 1, seconds, MIN_BATCHES, device)
+    return time_batches(endless(loader), BATCH[img_size], max(workers, 1), seconds, MIN_BATCHES, device)
 
 
 # ----- the table -----
@@ -230,7 +230,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per path (after warm-up)")
     p.add_argument("--workers", default="1", help="loader workers of the PIL and timm paths (auto: as the trainer; "
                    "each worker blurs the CPU count by up to a batch in flight at either end)")
-    p.add_argument("--batch-size", type=int, help="images per batch (default: 256 at 32 px, 64 at 224 px)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: 128 at 32 px, 64 at 224 px)")
     p.add_argument("--images", type=int, help="images in the data set (default: 4096 at 32 px, 512 at 224 px)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the rows here")

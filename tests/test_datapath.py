@@ -161,3 +161,19 @@ def test_data_on_device_refuses_what_it_cannot_hold_by_name(tmp_path, monkeypatc
         run_recipe("supervised", {}, argv=[*TINY, "--data", small_digits(tmp_path / "d"), "--streaming",
                                            "--data-on-device", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_crop_and_flip_draws_and_crops_as_torchvision_v2():
+    """The per-image crop and flip, called without v2's dispatch, give v2's images and leave its random state."""
+    from torchvision.transforms import v2
+    from ssl_vit.data.transforms import CropAndFlip
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8))
+    reference = v2.Compose([v2.RandomResizedCrop(24, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                                 antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+    ours = v2.Compose([CropAndFlip(24, (0.08, 1.0)), v2.PILToTensor()])
+    for seed in range(40):
+        torch.manual_seed(seed)
+        expected, state = reference(image), torch.get_rng_state()
+        torch.manual_seed(seed)
+        assert torch.equal(ours(image), expected) and torch.equal(torch.get_rng_state(), state), seed

@@ -60,8 +60,14 @@ def check_fits(n: int, shape: Sequence[int], device: torch.device, processes_her
                         "(the loader's workers decode it as it trains)")
 
 
-def _as_list(items: list) -> list:
-    return items
+def _chunk(items: list) -> dict:
+    """Decoded examples -> ``{"image": [n, C, H, W], "label": [n], "size": [(index, shape)]}``: one tensor per
+    chunk (a worker sends each tensor through its own file descriptor), ``image`` None where sizes differ."""
+    kept = [it for it in items if it is not None]
+    sizes = [(it["index"], tuple(it["image"].shape)) for it in kept]
+    one_size = len({shape for _, shape in sizes}) == 1
+    return {"image": torch.stack([it["image"] for it in kept]) if one_size else None, "size": sizes,
+            "label": [it.get("label", -1) for it in kept]}
 
 
 def decode_split(split, image_column: str, label_column: Optional[str], name: str, device: torch.device,
@@ -73,20 +79,19 @@ def decode_split(split, image_column: str, label_column: Optional[str], name: st
     first = next((item for item in map(ds.__getitem__, range(len(ds))) if item is not None), None)
     if first is None:
         raise DataError(f"--data-on-device: no readable image in the train split of {name}")
-    check_fits(len(ds), first["image"].shape, device, processes_here, name)
+    shape = tuple(first["image"].shape)
+    check_fits(len(ds), shape, device, processes_here, name)
     images, labels = [], []
-    for chunk in DataLoader(ds, batch_size=1024, num_workers=workers, collate_fn=_as_list):
-        for item in chunk:
-            if item is None:
-                continue
-            if item["image"].shape != first["image"].shape:
-                raise DataError(f"--data-on-device needs images of one size: row {item['index']} of {name} is "
-                                f"{tuple(item['image'].shape[1:])}, row {first['index']} "
-                                f"{tuple(first['image'].shape[1:])}; resize the data set, or drop --data-on-device")
-            images.append(item["image"])
-            labels.append(item.get("label", -1))
-    out = torch.stack(images).to(device)
-    return out, torch.tensor(labels, device=device) if label_column is not None else None
+    for chunk in DataLoader(ds, batch_size=1024, num_workers=workers, collate_fn=_chunk):
+        other = next(((i, s) for i, s in chunk["size"] if s != shape), None)
+        if other is not None:
+            raise DataError(f"--data-on-device needs images of one size: row {other[0]} of {name} is "
+                            f"{other[1][1:]}, row {first['index']} {shape[1:]}; resize the data set, or drop "
+                            "--data-on-device")
+        if chunk["size"]:
+            images.append(chunk["image"])
+            labels += chunk["label"]
+    return torch.cat(images).to(device), torch.tensor(labels, device=device) if label_column is not None else None
 
 
 # ----- augmenting a batch -----

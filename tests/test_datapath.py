@@ -196,3 +196,13 @@ def test_workers_decode_the_split_onto_the_device_as_one_process_does():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert len(alone[0]) == len(src.train) > 1024
     assert torch.equal(alone[0], workers[0]) and torch.equal(alone[1], workers[1])
+
+
+def test_a_worker_augments_each_example_as_the_training_process_does():
+    """Workers only seed their generators per example (nothing else draws from them); the batches equal
+    those made in the training process, which saves and restores its own random state around each."""
+    src = load_data("default")
+    ds = ImageDataset(src.train, src.image_column, src.label_column, train_transform(16, uint8=True), seed=2)
+    here, worker = (next(iter(make_loader(ds, EpochSampler(len(ds), 16, seed=2), workers, False)))
+                    for workers in (0, 1))
+    assert torch.equal(here["image"], worker["image"]) and torch.equal(here["index"], worker["index"])

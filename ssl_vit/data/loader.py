@@ -90,16 +90,17 @@ class ExampleMaker:
         would also queue a lazy CUDA seeding, with a captured stack trace, for every example (about
         1.7 ms each, and a queue that only grows)."""
         if get_worker_info() is not None:
-            torch.default_generator.manual_seed(seed)
-            random.seed(seed)
-            return self.transform(img)
+            return self.seeded(img, seed)
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            random.seed(seed)
-            image = self.transform(img)
+            image = self.seeded(img, seed)
         random.setstate(py_state)
         return image
+
+    def seeded(self, img: Image.Image, seed: int):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        return self.transform(img)
 
     def __call__(self, row: dict, epoch: int, index: int) -> Optional[dict]:
         try:

@@ -58,7 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ssl_vit.backbone import PRESETS, build_backbone
 from ssl_vit.config import RunConfig, parse_run_config
-from ssl_vit.data import MEAN, STD, DataSource, load_data
+from ssl_vit.data import MEAN, STD, DataSource, load_data, resolve_workers
 from ssl_vit.errors import ConfigError
 from ssl_vit.objectives import OBJECTIVES, DataInfo, StepInfo, get_objective
 from ssl_vit.train.optim import FUSED, build_optimizer
@@ -309,9 +309,10 @@ def time_data_pipeline(objective: str, model: str, batch_size: int, batches: int
     run = run_config(spec)
     cls = get_objective(objective)
     info = DataInfo(source.name, source.num_classes, source.class_names, MEAN, STD, run.backbone.img_size)
-    transform = cls.train_transform(run.train, run.objective_config, info)
+    transform = cls.train_transform(run.train, run.objective_config, info, uint8=True)  # as the trainer sends them
     label = source.label_column if cls.needs_labels else None
-    shard = Shard(micro_batch=batch_size, pin_memory=device.type == "cuda")
+    workers = resolve_workers(run.train.num_workers)
+    shard = Shard(micro_batch=batch_size, pin_memory=device.type == "cuda", workers=workers)
     loader, _ = split_loader(source.train, source, label, transform, run, shard, train=True)  # the trainer's
     t0 = time.perf_counter()
     it = iter(loader)
@@ -322,7 +323,7 @@ def time_data_pipeline(objective: str, model: str, batch_size: int, batches: int
         next(it)
     rate = batches * batch_size / (time.perf_counter() - t0)
     del it
-    return {"objective": objective, "model": model, "workers": run.train.num_workers, "batch_size": batch_size,
+    return {"objective": objective, "model": model, "workers": workers, "batch_size": batch_size,
             "images_per_s": rate, "first_batch_s": first}
 
 

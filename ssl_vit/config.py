@@ -14,7 +14,7 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .backbone import PRESETS, BackboneConfig
 from .data.subsets import check_fraction
@@ -23,8 +23,25 @@ from .errors import ConfigError
 CHOICES = {"precision": ("auto", "no", "bf16", "fp16"), "lr_scaling": ("linear", "sqrt"), "on_nonfinite": ("stop", "skip"),
            "clip_grad_mode": ("norm", "per_param")}
 AT_LEAST = {"steps": 0, "batch_size": 1, "grad_accum": 1, "log_every": 1, "save_every": 0, "eval_every": 0,
-            "num_workers": 0, "max_skipped_steps": 1, "monitor_every": 1, "monitor_max_train": 1,
+            "max_skipped_steps": 1, "monitor_every": 1, "monitor_max_train": 1,
             "monitor_max_test": 1}  # 0 for save_every / eval_every: at the end only
+AUTO = "auto"
+
+
+def count_or_auto(value, name: str = "num_workers", where: str = "") -> Union[int, str]:
+    """A setting that is a whole number >= 0 or "auto" (resolved when the run starts), from a flag or a file."""
+    if value == AUTO:
+        return AUTO
+    try:
+        count = int(value) if not isinstance(value, (bool, float)) else None
+    except (TypeError, ValueError):
+        count = None
+    if count is None or count < 0:
+        raise ConfigError(f"{_flag(name)} {value!r}{where}: use auto or a whole number >= 0")
+    return count
+
+
+COUNT_OR_AUTO = {"num_workers"}  # settings that count_or_auto reads
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # --report-to also takes "all" (every one) and "none"
 MONITORS = ("knn", "fewshot", "rankme")  # --monitor: a comma-separated subset, or "none"
 
@@ -61,7 +78,8 @@ class TrainConfig:
     label_column: Optional[str] = None  # detected when not given
     streaming: bool = False  # stream a hub data set instead of downloading it
     skip_bad_images: bool = False  # skip and count unreadable images instead of stopping
-    num_workers: int = 2
+    num_workers: Union[int, str] = AUTO  # loader workers per process; auto: the CPUs per process, less one, at most 16
+    data_on_device: bool = False  # decode the train split once onto the training device and augment batches there
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop scale range
     hflip: bool = True
     randaugment: Optional[str] = None  # timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1" (MAE fine-tuning)
@@ -113,6 +131,7 @@ class TrainConfig:
         if not 0.0 <= self.random_erasing <= 1.0:
             raise ConfigError(f"--random-erasing {self.random_erasing}: use a probability in [0, 1]")
         check_fraction(self.label_fraction)
+        self.num_workers = count_or_auto(self.num_workers)
         if self.stop_at is not None and self.stop_at < 0:
             raise ConfigError(f"--stop-at {self.stop_at}: must be >= 0")
         requested_trackers(self.report_to)
@@ -146,7 +165,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls, defaults: dict, group: str
         tp, _ = unwrap_optional(hints[f.name])
         default = defaults.get(f.name, f.default)
         origin = typing.get_origin(tp)
-        if tp is bool:
+        if f.name in COUNT_OR_AUTO:
+            g.add_argument(_flag(f.name), type=str, default=default, metavar="N|auto")  # checked by the config
+        elif tp is bool:
             g.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default)
         elif origin is tuple:
             args = typing.get_args(tp)
@@ -221,7 +242,8 @@ def parse_run_config(objective: str, objective_config_cls, defaults: Optional[di
     dup = {n for n in names if names.count(n) > 1}
     assert not dup, f"config fields defined twice: {dup}"
     hints = {f.name: typing.get_type_hints(cls)[f.name] for cls, _ in groups for f in dataclasses.fields(cls)}
-    defaults.update({k: _typed(k, v, hints[k], known.config) for k, v in file_settings.items() if k in hints})
+    defaults.update({k: count_or_auto(v, k, f" in {known.config}") if k in COUNT_OR_AUTO
+                     else _typed(k, v, hints[k], known.config) for k, v in file_settings.items() if k in hints})
     defaults.update({k: v for k, v in file_settings.items() if k not in hints})  # refused below, by name
     unknown = set(defaults) - set(names)
     if unknown:

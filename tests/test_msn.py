@@ -66,7 +66,7 @@ def test_views_shapes_and_the_recipe_defaults():
     assert jitter.saturation == (0.6, 1.4) and jitter.brightness == (0.6, 1.4) and jitter.hue == (-0.1, 0.1)
     assert [view.transforms[2].p for view in (transform.global_1, transform.global_2, transform.local)] == [0.5] * 3
     assert transform.global_2.transforms[3].p == 0.0
-    assert transform.global_1.transforms[0].scale == (0.3, 1.0) and transform.local.transforms[0].scale == (0.05, 0.3)
+    assert transform.global_1.transforms[0].crop.scale == (0.3, 1.0) and transform.local.transforms[0].crop.scale == (0.05, 0.3)
 
     obj = tiny_msn()
     batch = {"image": fake_views(3)}

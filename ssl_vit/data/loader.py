@@ -9,6 +9,7 @@ each example is augmented under its own seed, so a resumed run sees exactly the 
 from __future__ import annotations
 
 import io
+import os
 import random
 from typing import Callable, Iterator, Optional
 
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 from datasets import Dataset, Image as ImageFeature, IterableDataset
 from datasets.distributed import split_dataset_by_node
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import IterableDataset as TorchIterableDataset
 from torch.utils.data import default_collate
@@ -42,6 +43,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
             low, high = 0.0, max(65535.0, float(values.max()))
         scaled = (values - low) / max(high - low, 1e-12)
         img = Image.fromarray(np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8), mode="L")
+    if img.mode == "RGB":  # convert would copy it
+        img.load()
+        return img
     return img.convert("RGB")
 
 
@@ -79,6 +83,28 @@ class ExampleMaker:
                 "images (they are counted and reported)"
             ) from err
 
+    def augment(self, img: Image.Image, seed: int):
+        """The transform under this example's own seed (torch's CPU, python's and numpy's RNGs: timm's
+        RandAugment picks its ops with numpy). In the training process the global state is saved and
+        restored around it; a loader worker's generators serve
+        its examples alone, so there they are only seeded. Only the CPU generator: torch.manual_seed
+        would also queue a lazy CUDA seeding, with a captured stack trace, for every example (about
+        1.7 ms each, and a queue that only grows)."""
+        if get_worker_info() is not None:
+            return self.seeded(img, seed)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            image = self.seeded(img, seed)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        return image
+
+    def seeded(self, img: Image.Image, seed: int):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        return self.transform(img)
+
     def __call__(self, row: dict, epoch: int, index: int) -> Optional[dict]:
         try:
             img = self.decode(row[self.image_column], index)
@@ -86,20 +112,7 @@ class ExampleMaker:
             if self.skip_bad_images:
                 return None
             raise
-        # Augment under this example's own seed (torch's CPU, python's and numpy's RNGs: timm's RandAugment
-        # picks its ops with numpy), leaving global state alone.
-        # Only the CPU generator: torch.manual_seed would also queue a lazy CUDA seeding, with a
-        # captured stack trace, for every example (about 1.7 ms each, and a queue that only grows).
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            seed = _seed_for(self.seed, epoch, index)
-            torch.default_generator.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            image = self.transform(img)
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        out = {"image": image, "index": index}
+        out = {"image": self.augment(img, _seed_for(self.seed, epoch, index)), "index": index}
         if self.label_column is not None:
             out["label"] = int(row[self.label_column])
         return out
@@ -207,6 +220,19 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         per_rank = len(range(self.rank, self.usable, self.world_size))
         return max(0, per_rank - self.start_batch * self.batch_size)
+
+
+MAX_AUTO_WORKERS = 16  # beyond this, more worker processes mostly cost memory
+
+
+def resolve_workers(num_workers, processes_here: int = 1) -> int:
+    """``--num-workers``: a count as given, or for "auto" the CPUs this process may use (its affinity
+    mask, which a container or ``taskset`` narrows), shared by the ``processes_here`` training
+    processes of this machine, less one for the process itself; at most MAX_AUTO_WORKERS."""
+    if num_workers != "auto":
+        return int(num_workers)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(MAX_AUTO_WORKERS, cpus // max(processes_here, 1) - 1))
 
 
 def make_loader(dataset, sampler: Optional[EpochSampler], num_workers: int, pin_memory: bool,

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from .transforms import MEAN, STD, to_normalized_tensor
+from .transforms import MEAN, STD, CropAndFlip, to_tensor
 
 PAPER_SIZES = (224, 96)  # (global, local) crop sizes in pixels
 SMALL_IMAGE_SIZES = (32, 16)  # for 32 px images, see the module docstring
@@ -44,8 +44,8 @@ SOLARIZE_THRESHOLD = 128  # PIL's ImageOps.solarize default, as in the official 
 
 
 class MultiCrop:
-    """PIL image -> list of 2 + ``local_crops_number`` normalised tensors:
-    ``[global_1, global_2, local_1, ...]``, globals ``[3, G, G]``, locals ``[3, L, L]``.
+    """PIL image -> list of 2 + ``local_crops_number`` normalised tensors (``uint8``: uint8 tensors,
+    normalised on the device): ``[global_1, global_2, local_1, ...]``, globals ``[3, G, G]``, locals ``[3, L, L]``.
 
     The loader's collate turns the list per example into a list of batches ``[B, 3, size, size]``.
 
@@ -67,6 +67,7 @@ class MultiCrop:
         color_jitter: Sequence[float] = COLOR_JITTER,
         blur_p: Sequence[float] = BLUR_P,
         solarize_p: float = SOLARIZE_P,
+        uint8: bool = False,
     ):
         if local_crops_number < 0:
             raise ValueError(f"local_crops_number={local_crops_number}: use 0 or more local crops")
@@ -76,25 +77,25 @@ class MultiCrop:
         self.local_crops_number = local_crops_number
         sigma = tuple(s * global_size / PAPER_SIZES[0] for s in BLUR_SIGMA_AT_224)
         kernel = 2 * math.ceil(3 * sigma[1]) + 1  # covers +-3 sigma of the widest blur
-
-        def crop(size: int, scale: Sequence[float]) -> v2.RandomResizedCrop:
-            return v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC,
-                                        antialias=True)
+        # the settings, for the same augmentation on whole batches (ssl_vit.data.in_memory.BatchMultiCrop)
+        self.sizes, self.scales = (global_size, local_size), (tuple(global_scale), tuple(local_scale))
+        self.color_jitter, self.blur_p, self.solarize_p = tuple(color_jitter), tuple(blur_p), solarize_p
+        self.blur_kernel, self.blur_sigma = kernel, sigma
 
         def blur(p: float) -> v2.RandomApply:
             return v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma)], p=p)
 
-        flip_and_color_jitter = v2.Compose([
-            v2.RandomHorizontalFlip(p=0.5),
+        colour = v2.Compose([
             v2.RandomApply([v2.ColorJitter(*color_jitter)], p=0.8),
             v2.RandomGrayscale(p=0.2),
             v2.ToImage(),  # PIL above (faster there), uint8 tensor below (blur is faster there)
         ])
-        normalize = to_normalized_tensor(mean, std)
-        self.global_1 = v2.Compose([crop(global_size, global_scale), flip_and_color_jitter, blur(blur_p[0]), normalize])
-        self.global_2 = v2.Compose([crop(global_size, global_scale), flip_and_color_jitter, blur(blur_p[1]),
+        normalize = to_tensor(mean, std, uint8)
+        # each view: crop and flip (DINO's flip_and_color_jitter begins with the flip), colour, blur, ...
+        self.global_1 = v2.Compose([CropAndFlip(global_size, global_scale), colour, blur(blur_p[0]), normalize])
+        self.global_2 = v2.Compose([CropAndFlip(global_size, global_scale), colour, blur(blur_p[1]),
                                     v2.RandomSolarize(SOLARIZE_THRESHOLD, p=solarize_p), normalize])
-        self.local = v2.Compose([crop(local_size, local_scale), flip_and_color_jitter, blur(blur_p[2]), normalize])
+        self.local = v2.Compose([CropAndFlip(local_size, local_scale), colour, blur(blur_p[2]), normalize])
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         local = [self.local(image) for _ in range(self.local_crops_number)]

@@ -1,4 +1,8 @@
-"""Image augmentations (torchvision v2): the training crop, the evaluation resize."""
+"""Image augmentations (torchvision v2): the training crop, the evaluation resize.
+
+Each takes ``uint8``: False (the default) ends in a normalised float tensor; True ends in the uint8
+tensor before it, for loaders whose batches are converted and normalised on the training device
+(``ssl_vit.data.device``, which gives the same values)."""
 
 from __future__ import annotations
 
@@ -37,6 +41,40 @@ def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep) if bits_to_keep > 0 else Image.new(img.mode, img.size)
 
 
+def to_uint8(img) -> torch.Tensor:
+    """PIL image (or a tensor, unchanged) -> uint8 tensor [C, H, W]: ``v2.ToImage``'s values, without
+    v2's dispatch (a third of the cost of decoding a 32 px image)."""
+    return img if isinstance(img, torch.Tensor) else v2.functional.pil_to_tensor(img)
+
+
+def to_tensor(mean: Sequence[float] = MEAN, std: Sequence[float] = STD, uint8: bool = False) -> Callable:
+    """PIL image -> uint8 tensor [C, H, W] (``uint8``), else the normalised float tensor."""
+    return to_uint8 if uint8 else to_normalized_tensor(mean, std)
+
+
+class CropAndFlip:
+    """torchvision v2's ``RandomResizedCrop`` (bicubic, antialiased) then ``RandomHorizontalFlip``, with
+    their very random draws (``make_params``, then ``torch.rand(1) < 0.5``) and kernels, called
+    directly: v2's per-transform dispatch (flattening, input checks) costs about 0.1 ms per image per
+    transform, as much as decoding a small image."""
+
+    def __init__(self, size: int, scale: Sequence[float] = (0.08, 1.0), hflip: bool = True):
+        self.crop = v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC,
+                                         antialias=True)
+        self.hflip = hflip
+
+    def __call__(self, img):
+        box = self.crop.make_params([img])
+        img = v2.functional.resized_crop(img, **box, size=self.crop.size, interpolation=self.crop.interpolation,
+                                         antialias=True)
+        if self.hflip and torch.rand(1) < 0.5:
+            img = v2.functional.horizontal_flip(img)
+        return img
+
+    def __repr__(self) -> str:
+        return f"CropAndFlip({self.crop!r}, hflip={self.hflip})"
+
+
 def train_transform(
     img_size: int,
     scale: Sequence[float] = (0.08, 1.0),
@@ -45,14 +83,14 @@ def train_transform(
     std: Sequence[float] = STD,
     randaugment: Optional[str] = None,
     random_erasing: float = 0.0,
+    uint8: bool = False,
 ) -> v2.Compose:
     """Inception crop (random resized crop) and horizontal flip, the ViT paper's augmentation;
     optionally timm's RandAugment (``randaugment`` spec such as "rand-m9-mstd0.5-inc1") and, on the
     normalised tensor, timm's RandomErasing of one box with per-pixel normal noise, with probability
-    ``random_erasing`` (MAE's and DeiT's fine-tuning: 0.25)."""
-    steps = [v2.RandomResizedCrop(img_size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
+    ``random_erasing`` (MAE's and DeiT's fine-tuning: 0.25). ``uint8``: stop at the uint8 tensor; the
+    device then normalises and erases (``ssl_vit.data.device.DeviceBatch``), as timm's PrefetchLoader."""
+    steps = [CropAndFlip(img_size, scale, hflip)]
     if randaugment:
         augment = rand_augment_transform(randaugment, {"translate_const": int(img_size * 0.45),
                                                        "img_mean": tuple(round(255 * m) for m in mean)})
@@ -60,8 +98,8 @@ def train_transform(
             if op.name.startswith("Posterize"):
                 op.aug_fn = posterize
         steps.append(augment)
-    steps.append(to_normalized_tensor(mean, std))
-    if random_erasing:
+    steps.append(to_tensor(mean, std, uint8))
+    if random_erasing and not uint8:
         steps.append(RandomErasing(random_erasing, mode="pixel", max_count=1, device="cpu"))
     return v2.Compose(steps)
 
@@ -81,11 +119,13 @@ def eval_crop_fraction(img_size: int, crop_fraction: Optional[float] = None) -> 
 
 
 def eval_transform(img_size: int, mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
-                   crop_fraction: Optional[float] = None) -> Callable:
+                   crop_fraction: Optional[float] = None, uint8: bool = False) -> Callable:
     """timm's evaluation transform: resize the short side to img_size / crop fraction (bicubic),
-    centre-crop img_size, normalise; the crop fraction as ``eval_crop_fraction`` resolves it."""
+    centre-crop img_size, normalise (``uint8``: stop at the uint8 tensor, timm's prefetcher form);
+    the crop fraction as ``eval_crop_fraction`` resolves it."""
     return create_transform(img_size, is_training=False, interpolation="bicubic",
-                            crop_pct=eval_crop_fraction(img_size, crop_fraction), mean=mean, std=std)
+                            crop_pct=eval_crop_fraction(img_size, crop_fraction), mean=mean, std=std,
+                            use_prefetcher=uint8)
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:

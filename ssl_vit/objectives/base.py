@@ -57,11 +57,12 @@ class Objective(nn.Module):
         initialisation (not called when --init loads weights)."""
 
     @classmethod
-    def train_transform(cls, train_cfg, cfg, data: DataInfo) -> Callable:
-        """The augmentation of the training images (default: inception crop and flip)."""
+    def train_transform(cls, train_cfg, cfg, data: DataInfo, uint8: bool = False) -> Callable:
+        """The augmentation of the training images (default: inception crop and flip). ``uint8``: to
+        uint8 tensors, normalised (and randomly erased) on the device, as the trainer's loader sends them."""
         return train_transform(data.img_size, scale=train_cfg.crop_scale, hflip=train_cfg.hflip,
                                mean=data.mean, std=data.std, randaugment=train_cfg.randaugment,
-                               random_erasing=train_cfg.random_erasing)
+                               random_erasing=train_cfg.random_erasing, uint8=uint8)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """batch -> (scalar loss, metrics as 0-d tensors). No ``.item()`` here: the loop syncs."""

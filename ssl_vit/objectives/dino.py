@@ -131,10 +131,10 @@ class DINO(TeacherObjective):
         self.watch = CollapseWatch(self.collapse_signs)  # of [entropy, batch entropy, KL, loss]
 
     @classmethod
-    def train_transform(cls, train_cfg, cfg: DINOConfig, data: DataInfo) -> MultiCrop:
-        """The multi-crop augmentation (it replaces --crop-scale and --hflip)."""
+    def train_transform(cls, train_cfg, cfg: DINOConfig, data: DataInfo, uint8: bool = False) -> MultiCrop:
+        """The multi-crop augmentation (it replaces --crop-scale and --hflip); ``uint8`` as ``Objective``'s."""
         return MultiCrop(cfg.global_crop_size or data.img_size, cfg.local_crop_size, cfg.local_crops_number,
-                         cfg.global_crop_scale, cfg.local_crop_scale, data.mean, data.std)
+                         cfg.global_crop_scale, cfg.local_crop_scale, data.mean, data.std, uint8=uint8)
 
     def no_weight_decay(self) -> set[str]:
         """DINO's rule (``utils.get_params_groups``): every parameter with more than one dimension

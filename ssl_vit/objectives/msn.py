@@ -168,12 +168,13 @@ class MSN(TeacherObjective):
         self.watch = CollapseWatch(self.collapse_signs)  # of [target entropy, usage, anchor entropy, me-max, loss]
 
     @classmethod
-    def train_transform(cls, train_cfg, cfg: MSNConfig, data: DataInfo) -> MultiCrop:
-        """MSN's views: [target, random anchor, focal 1..N] (it replaces --crop-scale and --hflip)."""
+    def train_transform(cls, train_cfg, cfg: MSNConfig, data: DataInfo, uint8: bool = False) -> MultiCrop:
+        """MSN's views: [target, random anchor, focal 1..N] (it replaces --crop-scale and --hflip); ``uint8``
+        as ``Objective``'s."""
         s = cfg.color_jitter
         return MultiCrop(cfg.rand_size or data.img_size, cfg.focal_size, cfg.focal_views, cfg.rand_crop_scale,
                          cfg.focal_crop_scale, data.mean, data.std, color_jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
-                         blur_p=(BLUR_P,) * 3, solarize_p=0.0)
+                         blur_p=(BLUR_P,) * 3, solarize_p=0.0, uint8=uint8)
 
     def no_weight_decay(self) -> set[str]:
         """MSN's rule (``init_opt``): every parameter with more than one dimension decays, the position

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..backbone import build_backbone
 from ..checkpoint import init_weights, load_backbone, load_weights, save_checkpoint
 from ..config import RunConfig, requested_trackers
-from ..data import MEAN, STD, DataError, DataSource, load_data
+from ..data import MEAN, STD, DataError, DataSource, load_data, resolve_workers
 from ..data.subsets import labelled_fraction
 from ..errors import ConfigError
 from ..evaluation.monitor import Monitors
@@ -77,7 +77,7 @@ class Trainer:
         self.monitors = Monitors.build(tc, self.source, self.data_info, self.acc)  # checked before any write
         self.objective = objective_cls(self._backbone(objective_cls), run.objective_config, self.data_info)
         self.objective.prepare_training()
-        transform = objective_cls.train_transform(tc, run.objective_config, self.data_info)
+        transform = objective_cls.train_transform(tc, run.objective_config, self.data_info, uint8=True)
         self.data = DataPipeline(run, self.source, objective_cls, transform, shard)
         self.steps_per_epoch = self.data.steps_per_epoch
         shard_with_plugin(self.acc, self.objective)  # FSDP: before the optimizer takes the parameters
@@ -114,8 +114,9 @@ class Trainer:
         per_step = acc.num_processes * tc.grad_accum
         if tc.batch_size % per_step:
             raise ConfigError(f"--batch-size {tc.batch_size} must be divisible by processes x --grad-accum = {per_step}")
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))  # training processes on this machine
         return Shard(acc.process_index, acc.num_processes, tc.batch_size // per_step, acc.device.type == "cuda",
-                     acc.device)
+                     resolve_workers(tc.num_workers, here), str(acc.device), here)
 
     def _source(self, objective_cls) -> DataSource:
         """The run's data, checked against what the objective needs; cut to --label-fraction."""
@@ -145,7 +146,8 @@ class Trainer:
         """The objective's test metrics (e.g. supervised accuracy), from sums over all processes."""
         if self.data.test_loader is None:
             return None
-        return evaluate(plain(self.model, self.acc), self.data.test_loader, self.acc, self.data_info.img_size)
+        return evaluate(plain(self.model, self.acc), self.data.test_loader, self.acc, self.data_info.img_size,
+                        self.data.test_on_device)
 
     def _write_checkpoint(self, step: int, results: Optional[dict]) -> str:
         path = os.path.join(self.out, CKPT_FILE)
@@ -204,7 +206,7 @@ class Trainer:
             info = StepInfo(step, tc.steps, epoch, self.steps_per_epoch)
             self.scheduler.step_update(step + 1)  # lr of this step: warmup from lr/warmup, cosine to min_lr
             result = optimizer_step(self.acc, self.model, objective, self.optimizer, group, info, tc.clip_grad,
-                                    tc.clip_grad_mode)
+                                    tc.clip_grad_mode, on_device=self.data.on_device)
             self.skipped_images += result.skipped_images
             self.nonfinite.add(step, result)
             self.log.add(result)

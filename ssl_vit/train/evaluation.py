@@ -9,13 +9,14 @@ sums are dropped, stands in for the batches it lacks and for those without a rea
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data.device import DeviceBatch
 from ..objectives import Objective
 from .sharding import lockstep
 from .step import to_device
@@ -27,16 +28,18 @@ def placeholder_batch(img_size: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(objective: Objective, loader: DataLoader, acc: Accelerator, img_size: int) -> Optional[dict]:
+def evaluate(objective: Objective, loader: DataLoader, acc: Accelerator, img_size: int,
+             on_device: Callable[[dict], dict] = DeviceBatch()) -> Optional[dict]:
     """``objective.test_metrics`` of the sums of ``evaluate_batch`` over the test split, all processes
-    together (each reads its share from ``loader``); None when no test image was readable."""
+    together (each reads its share from ``loader``; ``on_device`` makes its uint8 images float and
+    normalised on the device); None when no test image was readable."""
     objective.eval()
     sums: dict[str, torch.Tensor] = {}
     readable = torch.zeros((), device=acc.device)
     for batch, counts in tqdm(lockstep(loader, placeholder_batch(img_size), acc.device), desc="test", leave=False,
                               disable=not acc.is_local_main_process):
         with acc.autocast():
-            part = objective.evaluate_batch(to_device(batch, acc.device))
+            part = objective.evaluate_batch(on_device(to_device(batch, acc.device)))
         for k, v in part.items():
             sums[k] = sums.get(k, 0) + (v if counts else torch.zeros_like(v))
         readable += counts

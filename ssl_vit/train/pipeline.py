@@ -12,20 +12,25 @@ from torch.utils.data import DataLoader
 
 from ..config import RunConfig
 from ..data import DataSource, EpochSampler, ImageDataset, StreamingImageDataset, eval_transform, make_loader
+from ..data.device import DeviceBatch
+from ..data.in_memory import InMemoryLoader, batch_augmentation, decode_split
+from ..errors import ConfigError
 
 STREAM_EPOCH_STEPS = 1_000  # "epoch" length of a stream whose size is unknown (epoch-based schedules)
 
 
 @dataclass
 class Shard:
-    """Where this process sits: its rank among ``world`` processes, its micro-batch, pinned memory,
-    its device."""
+    """Where this process sits: its rank among ``world`` processes (``local`` of them on this machine),
+    its micro-batch, pinned memory, its loader workers and its device."""
 
     rank: int = 0
     world: int = 1
     micro_batch: int = 1
     pin_memory: bool = False
-    device: torch.device = torch.device("cpu")
+    workers: int = 0
+    device: str = "cpu"
+    local: int = 1
 
 
 def device_loader(loader: DataLoader, device: torch.device) -> Iterable:
@@ -48,12 +53,28 @@ def split_loader(split, source: DataSource, label_column: Optional[str], transfo
     if isinstance(split, IterableDataset):  # streamed: read in this process (datasets shards by file in workers)
         ds = StreamingImageDataset(split, *args, rank=shard.rank, world_size=shard.world, repeat=train)
         return device_loader(make_loader(ds, None, 0, shard.pin_memory, shard.micro_batch, drop_last=train),
-                             shard.device), ds
+                             torch.device(shard.device)), ds
     ds = ImageDataset(split, *args)
     sampler = EpochSampler(len(ds), shard.micro_batch, tc.seed, train, shard.rank, shard.world, train,
                            tc.grad_accum if train else 1)
-    return device_loader(make_loader(ds, sampler, tc.num_workers, shard.pin_memory, persistent=train),
-                         shard.device), sampler
+    return device_loader(make_loader(ds, sampler, shard.workers, shard.pin_memory, persistent=train),
+                         torch.device(shard.device)), sampler
+
+
+def in_memory_loader(source: DataSource, label_column: Optional[str], transform, run: RunConfig, shard: Shard
+                     ) -> tuple[InMemoryLoader, EpochSampler]:
+    """``--data-on-device``: the train split decoded once onto the device, augmented there a batch at a time."""
+    tc = run.train
+    if isinstance(source.train, IterableDataset):
+        raise ConfigError("--data-on-device with --streaming: a streamed data set is read as it arrives and cannot "
+                          "be held on the device; drop one of them")
+    augment = batch_augmentation(transform, run.backbone.img_size, tc)
+    device = torch.device(shard.device)
+    images, labels = decode_split(source.train, source.image_column, label_column, tc.data, device, shard.local,
+                                  shard.workers, tc.skip_bad_images)
+    sampler = EpochSampler(len(images), shard.micro_batch, tc.seed, True, shard.rank, shard.world, True,
+                           tc.grad_accum)
+    return InMemoryLoader(images, labels, augment, sampler, tc.seed), sampler
 
 
 def _num_examples(ds) -> Optional[int]:
@@ -66,13 +87,19 @@ def _num_examples(ds) -> Optional[int]:
 
 class DataPipeline:
     """The run's training loader (``micro_batches``) and, where the objective has a test metric and the
-    data a labelled test split, its test loader."""
+    data a labelled test split, its test loader. Both send uint8 images; ``on_device`` (training batches)
+    and ``test_on_device`` make them float and normalise them on the device (``ssl_vit.data.device``).
+    ``transform``: the objective's per-image augmentation to uint8 (``train_transform(..., uint8=True)``)."""
 
     def __init__(self, run: RunConfig, source: DataSource, objective_cls, transform, shard: Shard):
         self.accum = run.train.grad_accum
         self.micro_batch = shard.micro_batch
+        self.on_device, self.test_on_device = DeviceBatch(random_erasing=run.train.random_erasing), DeviceBatch()
         label = source.label_column if objective_cls.needs_labels else None
-        self.loader, self.position = split_loader(source.train, source, label, transform, run, shard, train=True)
+        if run.train.data_on_device:
+            self.loader, self.position = in_memory_loader(source, label, transform, run, shard)
+        else:
+            self.loader, self.position = split_loader(source.train, source, label, transform, run, shard, train=True)
         if isinstance(self.position, EpochSampler):
             self.steps_per_epoch = self.position.batches_per_epoch // self.accum
         else:
@@ -81,7 +108,8 @@ class DataPipeline:
         self.test_loader = None
         if source.test is not None and source.has_labels and objective_cls.has_test_metric:
             self.test_loader, _ = split_loader(source.test, source, source.label_column,
-                                               eval_transform(run.backbone.img_size), run, shard, train=False)
+                                               eval_transform(run.backbone.img_size, uint8=True), run, shard,
+                                               train=False)
 
     def micro_batches(self, start_step: int) -> Iterator[tuple[int, list[dict]]]:
         """(epoch, the ``grad_accum`` micro-batches) of each optimizer step from ``start_step`` on."""

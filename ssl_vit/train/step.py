@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ..data.device import DeviceBatch
 from ..objectives import StepInfo
 
 
@@ -89,8 +90,8 @@ def end_step_unless(bad: torch.Tensor, hooks, info: StepInfo) -> None:
 
 def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.optim.Optimizer,
                    micro_batches: list[dict], info: StepInfo, clip_grad: float, clip_mode: str = "norm",
-                   forward: Optional[Callable] = None, host_sync: Callable[[], ContextManager] = nullcontext
-                   ) -> StepResult:
+                   forward: Optional[Callable] = None, host_sync: Callable[[], ContextManager] = nullcontext,
+                   on_device: Callable[[dict], dict] = DeviceBatch()) -> StepResult:
     """One update of ``model`` (prepared by ``acc``, or plain) from ``micro_batches``.
 
     ``hooks``: the objective (``start_step``, ``before_optimizer_step``, ``end_step``, ``step_state``);
@@ -98,9 +99,10 @@ def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.o
     their number, so accumulation equals the large batch; gradients are all-reduced on the last one only.
     ``clip_mode``: ``norm`` clips the global norm to ``clip_grad``, ``per_param`` each parameter's
     (DINO; after ``before_optimizer_step``, where DINO clips first: per parameter the order does
-    not matter, a dropped gradient stays dropped). A non-finite loss or gradient leaves the weights,
-    the optimizer state and what ``end_step`` changes as they were; ``host_sync`` wraps the host
-    syncs of optimizers that cannot drop an update on the device (``takes_found_inf``).
+    not matter, a dropped gradient stays dropped). ``on_device``: what a batch becomes on the device
+    (uint8 images made float and normalised: ``ssl_vit.data.device``). A non-finite loss or gradient
+    leaves the weights, the optimizer state and what ``end_step`` changes as they were; ``host_sync``
+    wraps the host syncs of optimizers that cannot drop an update on the device (``takes_found_inf``).
     """
     forward = forward or model
     hooks.start_step(info, optimizer)
@@ -108,7 +110,7 @@ def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.o
     loss_sum, sums, images, skipped = torch.zeros((), device=acc.device), {}, 0, 0
     for i, batch in enumerate(micro_batches):
         skipped += batch.pop("skipped", 0)
-        batch = to_device(batch, acc.device)
+        batch = on_device(to_device(batch, acc.device))
         with nullcontext() if i == n - 1 else acc.no_sync(model):
             with acc.autocast():  # a prepared model autocasts itself; a plain one (the benchmark's) here
                 loss, metrics = forward(batch)

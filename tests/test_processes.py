@@ -50,14 +50,15 @@ SAME_SETTINGS = {
     "mae": [],
     "dino": ["--weight-decay-end", "0", "--momentum-teacher", "0.9"],
     "msn": ["--weight-decay-end", "0", "--momentum-teacher", "0.9", "--no-head-bn"],
-    "distill": ["--mixup", "0", "--cutmix", "0"],
+    "distill": ["--mixup", "0", "--cutmix", "0", "--random-erasing", "0"],  # erasing: drawn per process's batch
 }
 # Resume: each recipe as it is, with drop-path in supervised too, and 2 layers where it drops paths (timm's
 # rates rise from 0 at the first layer), so that every run draws per process; 6 steps cross an epoch of
 # the 40 images (5 steps); state every 2 steps.
 RESUME = ["--steps", "6", "--save-every", "2"]
 DROP_PATH = ["--drop-path-rate", "0.1", "--depth", "2"]
-PER_PROCESS = {"supervised": DROP_PATH, "dino": DROP_PATH, "distill": DROP_PATH}
+# distill without its random erasing, which draws on the device before drop-path does
+PER_PROCESS = {"supervised": DROP_PATH, "dino": DROP_PATH, "distill": [*DROP_PATH, "--random-erasing", "0"]}
 KILLED = "dino"  # killed mid-run; the others stop at step 3 (--stop-at) in the same launch first
 STOP_AT = 3
 

@@ -53,6 +53,13 @@ def test_a_monitored_run_logs_its_keys_at_their_steps_with_eval_knns_number_and_
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_a_monitored_run_decodes_with_the_runs_resolved_workers(tmp_path):
+    """--num-workers auto (the default) reaches the monitor's decoding as a count."""
+    argv = [*TINY, "--num-workers", "auto", "--steps", "1", "--monitor", "rankme", *SUBSETS]
+    run_recipe("supervised", {}, argv=[*argv, "--out", str(tmp_path / "run")])
+    assert [r["step"] for r in _monitored(_records(tmp_path / "run"))] == [1]
+
+
 def test_a_resumed_run_may_switch_the_monitors_on(tmp_path, capsys):
     argv = [*TINY, "--steps", "4", "--out", str(tmp_path / "run")]
     run_recipe("supervised", {}, argv=[*argv, "--stop-at", "2"])

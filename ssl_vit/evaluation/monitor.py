@@ -75,15 +75,17 @@ def monitor_source(tc: TrainConfig, source: DataSource, names: tuple[str, ...]) 
     return source
 
 
-def decode_images(tc: TrainConfig, source: DataSource, info: DataInfo, labelled: bool) -> MonitorImages:
-    """The monitor subsets as tensors, through the evaluation transform (once per run)."""
+def decode_images(tc: TrainConfig, source: DataSource, info: DataInfo, labelled: bool, workers: int
+                  ) -> MonitorImages:
+    """The monitor subsets as tensors, through the evaluation transform (once per run), decoded by
+    ``workers`` loader workers (the run's, resolved)."""
     transform = eval_transform(info.img_size, info.mean, info.std, eval_crop_fraction(info.img_size))
     spec, identity = tc.monitor_data or tc.data, nn.Identity()
     wanted = [("train", tc.monitor_max_train)] + ([("test", tc.monitor_max_test)] if labelled else [])
     splits = {}
     for split, limit in wanted:
         ds = image_split(source, spec, split, limit, transform, tc.skip_bad_images)
-        images, labels, _ = extract(identity, ds, BATCH, tc.num_workers, torch.device("cpu"), f"monitor images {split}")
+        images, labels, _ = extract(identity, ds, BATCH, workers, torch.device("cpu"), f"monitor images {split}")
         if labelled:
             check_labels(labels, source.num_classes, spec, split)
         splits[split] = images, labels
@@ -99,7 +101,8 @@ class Monitors:
         self.names, self.every, self.acc, self.images = names, every, acc, images
 
     @classmethod
-    def build(cls, tc: TrainConfig, source: DataSource, info: DataInfo, acc: Accelerator) -> "Monitors":
+    def build(cls, tc: TrainConfig, source: DataSource, info: DataInfo, acc: Accelerator, workers: int = 0
+              ) -> "Monitors":
         names = requested_monitors(tc.monitor)
         if not names:
             return cls(names, tc.monitor_every, acc, None)
@@ -108,7 +111,7 @@ class Monitors:
                               "evaluate the run's ckpt.pt afterwards (python -m eval.knn, eval.fewshot)")
         source = monitor_source(tc, source, names)
         labelled = any(n in NEED_LABELS for n in names)
-        images = decode_images(tc, source, info, labelled) if acc.is_main_process else None
+        images = decode_images(tc, source, info, labelled, workers) if acc.is_main_process else None
         if images is not None and labelled:
             check_subset(images, names)
         return cls(names, tc.monitor_every, acc, images)

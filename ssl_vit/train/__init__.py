@@ -74,7 +74,7 @@ class Trainer:
         self.source = self._source(objective_cls)
         self.data_info = DataInfo(tc.data, self.source.num_classes, self.source.class_names, MEAN, STD,
                                   run.backbone.img_size)
-        self.monitors = Monitors.build(tc, self.source, self.data_info, self.acc)  # checked before any write
+        self.monitors = Monitors.build(tc, self.source, self.data_info, self.acc, shard.workers)  # checked first
         self.objective = objective_cls(self._backbone(objective_cls), run.objective_config, self.data_info)
         self.objective.prepare_training()
         transform = objective_cls.train_transform(tc, run.objective_config, self.data_info, uint8=True)

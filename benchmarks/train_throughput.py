@@ -49,10 +49,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from PIL import Image
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -61,6 +59,7 @@ from ssl_vit.config import RunConfig, parse_run_config
 from ssl_vit.data import MEAN, STD, DataSource, load_data, resolve_workers
 from ssl_vit.errors import ConfigError
 from ssl_vit.objectives import OBJECTIVES, DataInfo, StepInfo, get_objective
+from ssl_vit.train.flops import example_batch
 from ssl_vit.train.optim import FUSED, build_optimizer
 from ssl_vit.train.pipeline import Shard, split_loader
 from ssl_vit.train.step import optimizer_step
@@ -160,29 +159,15 @@ def run_config(spec: Spec) -> RunConfig:
         raise ValueError(f"recipes/{spec.objective}.py's settings do not parse: {err}") from None
 
 
-def synthetic_batch(transform, batch_size: int, img_size: int, device: torch.device,
-                    channels_last: bool = False) -> dict:
-    """Random tensors shaped like a collated batch of ``transform``'s output (one tensor, or a
-    list of multi-crop tensors), plus labels and indices."""
-    probe = transform(Image.fromarray(np.zeros((img_size, img_size, 3), dtype=np.uint8)))
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-
-    def like(x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(batch_size, *x.shape, device=device).contiguous(memory_format=fmt)
-
-    image = [like(c) for c in probe] if isinstance(probe, (list, tuple)) else like(probe)
-    return {"image": image, "label": torch.randint(NUM_CLASSES, (batch_size,), device=device),
-            "index": torch.arange(batch_size, device=device)}
-
-
 def build_trainee(spec: Spec) -> Trainee:
     device = torch.device(spec.device)
     run = run_config(spec)
     cls = get_objective(spec.objective)
     info = DataInfo("synthetic", NUM_CLASSES, None, MEAN, STD, run.backbone.img_size)
     channels_last = spec.channels_last and PRESETS[run.backbone.model].hybrid
-    batch = synthetic_batch(cls.train_transform(run.train, run.objective_config, info), spec.batch_size,
-                            run.backbone.img_size, device, channels_last)
+    batch = example_batch(cls.train_transform(run.train, run.objective_config, info), spec.batch_size,
+                          run.backbone.img_size, device, NUM_CLASSES,
+                          torch.channels_last if channels_last else torch.contiguous_format)
     if spec.impl == OURS:
         objective = cls(build_backbone(run.backbone), run.objective_config, info).to(device)
         if channels_last:

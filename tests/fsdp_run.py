@@ -19,6 +19,7 @@ Accelerate refuses FSDP on CPUs (its FSDP mode needs an accelerator), so the plu
 """
 
 import copy
+import math
 import shutil
 import sys
 import tempfile
@@ -42,7 +43,7 @@ from ssl_vit.objectives.teacher import TeacherObjective
 from ssl_vit.train.evaluation import evaluate
 from ssl_vit.train.optim import build_optimizer
 from ssl_vit.train.sharding import full_state_dict, init_optimizer_state, shard_objective
-from ssl_vit.train.step import optimizer_step
+from ssl_vit.train.step import agreed_finite, optimizer_step
 
 CLASSES = 10
 DATA = DataInfo("test", CLASSES, None, MEAN, STD, 16)
@@ -219,9 +220,17 @@ def check_bf16(name: str, mesh) -> None:
     assert loss.dtype == torch.float32 and torch.isfinite(loss), f"{name}: bf16 loss {loss}"
 
 
+def check_agreed_finite(acc: Accelerator) -> None:
+    """A loss that is non-finite on one process alone drops the step on every process."""
+    mine = torch.tensor(math.inf if dist.get_rank() == 0 else 1.0)
+    assert not agreed_finite(mine, acc) and agreed_finite(torch.tensor(1.0), acc)
+    print(f"rank {dist.get_rank()} of {dist.get_world_size()}: finite flag agreed", flush=True)
+
+
 def main(names: list[str]) -> None:
     acc = Accelerator(cpu=True)
     assert acc.num_processes == 2 and dist.get_backend() == "gloo", "launch with torchrun --nproc_per_node 2"
+    check_agreed_finite(acc)
     mesh = init_device_mesh("cpu", (2,))
     tc = TrainConfig(optimizer="adamw", lr=1e-3)
     for name in names:

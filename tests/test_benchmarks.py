@@ -50,7 +50,8 @@ def test_gpu_check_records_each_section_and_survives_one_that_hangs(tmp_path):
     saved = __import__("json").loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert saved["device"] == record["device"] and saved["torch"] == torch.__version__
     rows = {r["objective"]: r for r in saved["sections"]["eager"]["rows"]}
-    assert set(rows) == {"masked_patch", "dino", "msn"} and all(r["images_per_s"] > 0 for r in rows.values())
+    assert set(rows) == set(gpu_check.OBJECTIVES) and all(r["images_per_s"] > 0 for r in rows.values())
+    assert saved["sections"]["mae_over_supervised"] > 0
     with open(tmp_path / "log.txt", "w") as log:
         hung = gpu_check.run_section("hang", [sys.executable, "-c", "import time; time.sleep(30)"], 1, log)
         after = gpu_check.run_section("next", [sys.executable, "-c", "print('ran')"], 30, log)

@@ -51,6 +51,15 @@ def test_single_parquet_file_gets_a_held_out_test_split(tmp_path):
     assert len(src.test) == round(0.1 * 1437) and len(src.train) + len(src.test) == 1437
 
 
+def test_a_small_labelled_folder_holds_out_a_test_split_too_small_for_every_class(tmp_path):
+    """64 images of 10 classes: 7 held out cannot hold every class, so the split is plain (seeded)."""
+    for i in range(64):
+        (tmp_path / f"class{i % 10}").mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"class{i % 10}" / f"{i}.png")
+    src = load_data(str(tmp_path))
+    assert len(src.test) == 7 and len(src.train) == 57 and src.num_classes == 10
+
+
 def test_missing_path_is_named():
     with pytest.raises(DataError, match="data path './no/such/folder' does not exist"):
         load_data("./no/such/folder")

@@ -26,6 +26,7 @@ def test_every_objective_shards_trains_and_saves_and_evaluates_as_unsharded():
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)  # ~20 s on 2 idle cores
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     for rank in range(2):
+        assert f"rank {rank} of 2: finite flag agreed" in done.stdout, done.stdout[-2000:]
         for name in SETTINGS:
             assert f"rank {rank} of 2: {name} ok" in done.stdout, done.stdout[-2000:]
 

@@ -18,6 +18,7 @@ Files in an image folder that are not images are skipped and counted.
 from __future__ import annotations
 
 import glob
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -89,6 +90,9 @@ def _hold_out(ds: Dataset, label_column: Optional[str]) -> datasets.DatasetDict:
     if len(ds) < 2:
         raise DataError(f"{len(ds)} image: too few to hold out a test split from; add images or give a test split")
     stratify = label_column if label_column and isinstance(ds.features[label_column], ClassLabel) else None
+    held = math.ceil(len(ds) * HELD_OUT_FRACTION)
+    if stratify and min(held, len(ds) - held) < ds.features[label_column].num_classes:
+        stratify = None  # too few images for every class on both sides: a plain seeded split
     return ds.train_test_split(test_size=HELD_OUT_FRACTION, seed=0, stratify_by_column=stratify)
 
 

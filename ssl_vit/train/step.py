@@ -62,7 +62,19 @@ def takes_found_inf(acc: Accelerator, optimizer: torch.optim.Optimizer) -> bool:
     optimizers skip the update and undo their step counters when ``found_inf`` is 1 (GradScaler's
     contract). Not under fp16, whose GradScaler sets the flag itself."""
     inner = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's AcceleratedOptimizer
-    return acc.mixed_precision != "fp16" and getattr(inner, "_step_supports_amp_scaling", False)
+    on_device = all(p.device.type == acc.device.type for g in inner.param_groups for p in g["params"][:1])
+    # parameters offloaded to the CPU (FSDP's offload) would read a flag copied from the GPU without a wait
+    return acc.mixed_precision != "fp16" and on_device and getattr(inner, "_step_supports_amp_scaling", False)
+
+
+def agreed_finite(check: torch.Tensor, acc: Accelerator) -> torch.Tensor:
+    """0-d bool on the device: whether ``check`` (each process's loss plus the global gradient norm)
+    is finite on every process, so that all drop the same steps (a loss can be non-finite on one
+    process alone). One tiny all-reduce, no host sync."""
+    finite = torch.isfinite(check).float()
+    if acc.num_processes > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return finite.bool()
 
 
 def update_unless(found_inf: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
@@ -85,7 +97,7 @@ def end_step_unless(bad: torch.Tensor, hooks, info: StepInfo) -> None:
     hooks.end_step(info)
     with torch.no_grad():
         for t, old in zip(state, before):
-            t.copy_(torch.where(bad, old, t))
+            t.copy_(torch.where(bad.to(t.device), old, t))
 
 
 def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.optim.Optimizer,
@@ -125,7 +137,7 @@ def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.o
     if clip_grad > 0 and clip_mode == "per_param":
         clip_per_parameter(model.parameters(), clip_grad)
     check = loss_sum if acc.mixed_precision == "fp16" else loss_sum + grad_norm  # fp16: the scaler skips inf grads
-    finite = torch.isfinite(check)
+    finite = agreed_finite(check, acc)
     if takes_found_inf(acc, optimizer):
         update_unless((~finite).float(), optimizer)
         optimizer.zero_grad(set_to_none=True)

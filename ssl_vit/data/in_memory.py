@@ -126,14 +126,21 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor
     The sampling grid [B, size, size, 2] is built by broadcasting (what ``affine_grid`` gives for these
     axis-aligned maps, without its batched matmul: a third of the CPU time of the whole crop)."""
     height, width = images.shape[-2:]
-    top, left, h, w = boxes.to(images.device, torch.float32).unbind(1)
-    sign = 1.0 - 2.0 * flips.to(images.device, torch.float32)
+    top, left, h, w = host_to(boxes.to(torch.float32), images.device).unbind(1)
+    sign = 1.0 - 2.0 * host_to(flips.to(torch.float32), images.device)
     base = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size  # output pixel centres in 0..1
     x = ((left[:, None] + w[:, None] * (0.5 + sign[:, None] * (base - 0.5))) * (2 / width) - 1)  # [B, size]
     y = (top[:, None] + h[:, None] * base) * (2 / height) - 1  # [B, size], grid_sample's -1..1 (align_corners=False)
     grid = torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), -1)
     out = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
     return out.clamp_(0.0, 1.0)
+
+
+def host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (crop boxes, flips, chosen rows, indices) on ``device`` without making the
+    host wait: a copy from pageable memory to a GPU first waits for the stream, one from pinned
+    memory (torch's caching host allocator) does not."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -148,7 +155,7 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 def _sometimes(p: float, images: torch.Tensor, changed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``changed`` applied to each image with probability p, drawn per image; the others stay. The draw
     is on the CPU and only the chosen images are changed (no device sync, no work thrown away)."""
-    chosen = torch.nonzero(torch.rand(len(images)) < p)[:, 0].to(images.device)
+    chosen = host_to(torch.nonzero(torch.rand(len(images)) < p)[:, 0], images.device)
     if len(chosen) == 0:
         return images
     return images.index_copy(0, chosen, changed(images.index_select(0, chosen)))
@@ -232,7 +239,7 @@ class InMemoryLoader:
         for b in range(len(self)):
             epoch, _ = pairs[b * s.batch_size]
             index = torch.tensor([i for _, i in pairs[b * s.batch_size:(b + 1) * s.batch_size]])
-            on_device = index.to(self.images.device)
+            on_device = host_to(index, self.images.device)
             with torch.random.fork_rng(devices=[]):  # the draws are on the CPU generator; global state untouched
                 torch.default_generator.manual_seed(_seed_for(self.seed, epoch, (s.start_batch + b) * s.world_size + s.rank))
                 images = self.augment(self.images[on_device])

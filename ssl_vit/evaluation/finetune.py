@@ -1,34 +1,16 @@
-"""Fine-tuning: the whole backbone plus a new linear head, through the ONE training
-loop (``ssl_vit.train.Trainer``, on Accelerate: ``accelerate launch -m eval.finetune ...`` runs it
-on many GPUs).
+"""Fine-tuning: the whole backbone plus a new linear head, through the ONE training loop
+(``ssl_vit.train.Trainer``, on Accelerate), as the ViT paper or MAE does it.
 
-    python -m eval.finetune CKPT [CKPT ...] --data NAME_OR_PATH [--protocol paper|mae] [--img-size 64]
+    finetune(build_run(checkpoint, data, FinetuneSettings(protocol="mae", steps=500))) -> (record, is_main)
+    (command line: python -m eval.finetune CKPT --data NAME_OR_PATH [--protocol paper|mae]; its
+    docstring describes both protocols, the defaults and the run folders)
 
-``--protocol paper`` (ViT paper section 3.2, appendix B.1.1): SGD with momentum 0.9 (not Nesterov),
-no weight decay, gradient clipping at norm 1, linear warmup (10% of the steps) then cosine decay to
-0, zero-initialised D x K head, the checkpoint's pooling, batch 512; the paper's CIFAR grid is 10k
-steps with lr in {0.001, 0.003, 0.01, 0.03}.
-``--protocol mae`` (MAE ``main_finetune.py``, ``models_vit.py`` and FINETUNE.md): AdamW, lr 5e-4 x
-batch / 256, weight decay 0.05, warmup 5% of the steps (5 of 100 epochs) then cosine decay to 1e-6,
-layer-wise lr decay (layers from timm's ``group_matcher``) and drop-path by width (``MAE_SIZES``),
-Mixup 0.8 / CutMix 1.0, label smoothing 0.1, RandAugment rand-m9-mstd0.5-inc1 and random erasing
-0.25 (timm), no clipping; the head's weights from a truncated normal of std 2e-5 and a zero bias;
-global average pooling of the patch tokens then a fresh LayerNorm, the final per-token norm dropped
-(``fc_norm``, as ``models_vit.py`` with ``global_pool``); fixed sin-cos position embeddings become
-trainable ones (MAE loads them into a learnable ``pos_embed``). Every setting has its flag.
-
-``--img-size`` larger than the checkpoint's keeps the patch size and resamples the position
-embeddings in 2-D. Defaults: batch 512 and 500 steps on a GPU; 64 and 200 steps on a CPU (so a
-run takes minutes). Each (checkpoint, data) pair trains in its own run
-folder ``<--out>/finetune-<protocol>-<checkpoint>-<data>[-<settings>]`` (config.json,
-metrics.jsonl, ckpt.pt), where ``<settings>`` names every setting given on the command line
-(``lr_0.003-steps_500``), so runs that differ only in settings never share a folder; the reported
-accuracy is the Trainer's test accuracy at the last step.
+``build_run`` reads the settings from a ``FinetuneSettings`` or the command line's namespace (the
+same attributes); a protocol field left at None takes the protocol's value.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import typing
@@ -37,16 +19,14 @@ from typing import Optional
 
 import torch
 
-from ssl_vit.backbone import BackboneConfig, token_width
-from ssl_vit.checkpoint import backbone_info, load_checkpoint
-from ssl_vit.config import RunConfig, TrainConfig, unwrap_optional
-from ssl_vit.data import eval_crop_fraction
-from ssl_vit.evaluation.features import labelled_source
-from ssl_vit.names import folder_safe, short_name
-from ssl_vit.objectives.supervised import SupervisedConfig
-from ssl_vit.train import Trainer
-
-from .common import EvalError, base_parser, data_specs, percent, positive_int, print_table, run_cli, write_json
+from ..backbone import BackboneConfig, token_width
+from ..checkpoint import backbone_info, load_checkpoint
+from ..config import RunConfig, TrainConfig
+from ..data import eval_crop_fraction
+from ..errors import EvalError
+from ..names import folder_safe, short_name
+from ..objectives.supervised import SupervisedConfig
+from ..train import Trainer
 
 
 @dataclass(frozen=True)
@@ -94,6 +74,31 @@ MAE_SIZES = ((768, 0.65, 0.1), (1024, 0.75, 0.2), (1280, 0.75, 0.3))
 GPU_STEPS, GPU_BATCH = 500, 512  # the paper's short schedule (Pets, Flowers) and batch
 CPU_STEPS, CPU_BATCH = 200, 64  # minutes on a laptop CPU
 CROP_SCALE = (0.35, 1.0)  # random resized crop; small images have little to spare (ImageNet: 0.08)
+
+
+@dataclass
+class _RunSettings:
+    """The settings of a fine-tuning run besides the protocol's (None: chosen per device or checkpoint)."""
+
+    protocol: str = "paper"  # a key of PROTOCOLS
+    steps: Optional[int] = None  # GPU_STEPS with a GPU, CPU_STEPS on a CPU
+    batch_size: Optional[int] = None  # GPU_BATCH with a GPU, CPU_BATCH on a CPU
+    img_size: Optional[int] = None  # the checkpoint's
+    warmup_steps: Optional[int] = None  # the protocol's warmup_fraction x the steps
+    crop_scale: tuple[float, float] = CROP_SCALE
+    seed: int = 0
+    label_fraction: float = 1.0
+    device: Optional[str] = None  # "cpu": no GPU defaults or bf16 (Accelerate picks the device)
+    image_column: Optional[str] = None
+    label_column: Optional[str] = None
+    num_workers: int = 2
+    out: str = "runs"  # the parent folder of the run folders
+
+
+# the run's settings, then every Protocol field as an override (None: the protocol's)
+FinetuneSettings = dataclasses.make_dataclass(
+    "FinetuneSettings", [(name, Optional[hint], None) for name, hint in typing.get_type_hints(Protocol).items()],
+    bases=(_RunSettings,), namespace={"__doc__": "What ``build_run`` reads (the command line's flags)."})
 
 
 def settings_tag(args) -> list[str]:
@@ -171,69 +176,3 @@ def finetune(run: RunConfig) -> tuple[dict, bool]:
         "cutmix": oc.cutmix, "randaugment": tc.randaugment, "random_erasing": tc.random_erasing,
         "crop_scale": list(tc.crop_scale), "label_fraction": tc.label_fraction, "run": trainer.out,
     }, trainer.acc.is_main_process
-
-
-def protocol_help(name: str) -> str:
-    """The --help line of a protocol setting: each protocol's default."""
-    defaults = {n: getattr(p, name) for n, p in PROTOCOLS.items()}
-    if name in ("layer_decay", "drop_path_rate"):
-        column = 1 if name == "layer_decay" else 2
-        sizes = zip(("ViT-B and narrower", "ViT-L", "ViT-H"), MAE_SIZES)
-        defaults["mae"] = "by width (" + ", ".join(f"{n} ({row[0]}): {row[column]}" for n, row in sizes) + ")"
-    return "default: the protocol's (" + ", ".join(f"{n}: {v}" for n, v in defaults.items()) + ")"
-
-
-def build_parser():
-    parser = base_parser(__doc__, batch_size=None,
-                         batch_help=f"images per optimizer step over all processes (default: {GPU_BATCH} "
-                                    f"with a GPU, {CPU_BATCH} on a CPU)")
-    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="paper")
-    parser.add_argument("--steps", type=positive_int, default=None,
-                        help=f"optimizer steps (default: {GPU_STEPS} with a GPU, {CPU_STEPS} on a CPU)")
-    parser.add_argument("--img-size", type=positive_int, default=None,
-                        help="fine-tuning resolution (default: the checkpoint's); larger resamples the "
-                             "position embeddings")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="default: --warmup-fraction x the steps")
-    parser.add_argument("--crop-scale", type=float, nargs=2, default=CROP_SCALE)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--label-fraction", type=float, default=1.0,
-                        help="train on this fraction of each class's labelled training images (0.01, 0.1: the "
-                             "1%% / 10%% protocols), chosen by --seed; the test set stays whole")
-    parser.add_argument("--out", default="runs", help="parent folder of the run folders")
-    hints = typing.get_type_hints(Protocol)
-    for f in dataclasses.fields(Protocol):  # every protocol setting can be overridden
-        kind, _ = unwrap_optional(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=protocol_help(f.name))
-        else:
-            parser.add_argument(flag, type=kind, default=None, help=protocol_help(f.name))
-    return parser
-
-
-def main(argv: Optional[list[str]] = None) -> list[dict]:
-    args = build_parser().parse_args(argv)
-    if args.device not in (None, "cpu"):
-        raise EvalError(f"--device {args.device}: fine-tuning runs on Accelerate, which picks the GPUs; "
-                        "choose them with CUDA_VISIBLE_DEVICES or accelerate launch, or pass --device cpu")
-    if args.device == "cpu":
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-    runs = []  # every setting, checkpoint and data set checked before the first run trains
-    for spec in args.checkpoints:
-        for data in data_specs(args):
-            labelled_source(data, args.image_column, args.label_column)  # evaluation needs labels
-            runs.append((spec, data, build_run(spec, data, args)))
-    records, main_process = [], True
-    for spec, data, run in runs:
-        record, main_process = finetune(run)
-        records.append({"checkpoint": spec, "data": data, "protocol": args.protocol, **record})
-    if main_process:
-        print_table(["checkpoint", "data", "accuracy (%)", "steps", "epochs", "img_size", "run"],
-                    [[r["checkpoint"], r["data"], percent(r["accuracy"]), r["steps"], f"{r['epochs']:.2f}",
-                      r["img_size"], r["run"]] for r in records], f"fine-tuning ({args.protocol} protocol)")
-        write_json(args.json, records)
-    return records
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -94,6 +94,10 @@ class _RunSettings:
     num_workers: int = 2
     out: str = "runs"  # the parent folder of the run folders
 
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise EvalError(f"protocol {self.protocol!r}: use one of {', '.join(PROTOCOLS)}")
+
 
 # the run's settings, then every Protocol field as an override (None: the protocol's)
 FinetuneSettings = dataclasses.make_dataclass(

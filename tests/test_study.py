@@ -82,6 +82,33 @@ def test_a_flop_budget_buys_each_objective_the_steps_its_own_step_costs():
     assert steps_for("images", 1000, 64, 1.0, 5000) == 15 and steps_for("epochs", 2, 64, 1.0, 640) == 20
 
 
+FINETUNE = TINY[:TINY.index("[objective.mae]")].replace('"supervised", "mae"', '"supervised"').replace(
+    "seeds = [0, 1]", "seeds = [0]").replace("flops = 2e9", "steps = 1") + """
+[[eval]]
+kind = "finetune"
+steps = 2
+batch_size = 8
+num_workers = 0
+"""
+
+
+def test_a_study_fine_tunes_every_run_in_its_own_folder(tmp_path):
+    records = run_study(_write(tmp_path, FINETUNE), str(tmp_path / "out"))
+    assert sorted((r["objective"], r["eval"], r["metric"]) for r in records) == [
+        ("baseline", "finetune", "top1"), ("supervised", "finetune", "top1")]
+    assert all(0.0 <= r["value"] <= 1.0 for r in records)
+    tuned = sorted(str(p.parent.relative_to(tmp_path / "out")) for p in (tmp_path / "out").glob("finetune/*/*/ckpt.pt"))
+    assert tuned == [f"finetune/{run}/finetune-paper-{run.replace('-', '_')}-data-steps_2-batch_8"
+                     for run in ("baseline-seed0", "supervised-seed0")]  # each run's own folder, with the settings
+    with pytest.raises(ConfigError) as err:
+        run_study(_write(tmp_path, FINETUNE.replace("steps = 2", "step = 2")), str(tmp_path / "refused"))
+    assert "'step'" in str(err.value) and "valid: protocol, steps, batch_size" in str(err.value)
+    assert "max_train" not in str(err.value)  # no features are extracted for fine-tuning
+    with pytest.raises(ConfigError, match="protocol 'maee': use one of paper, mae"):
+        run_study(_write(tmp_path, FINETUNE + 'protocol = "maee"\n'), str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     folder = tmp_path_factory.mktemp("study")

@@ -96,6 +96,9 @@ def run_study(path: str, out: str, device: Optional[str] = None) -> list[dict]:
     if study.budget_kind == "epochs" and not hasattr(source.train, "__len__"):
         raise ConfigError(f"{path} budget: epochs need a data set of known size; {study.data} is streamed")
     state = PartialState()
+    if state.num_processes > 1 and any(e.kind == "finetune" for e in study.evals):
+        raise ConfigError(f"{path}: a study evaluates on the main process alone, where a finetune evaluation cannot "
+                          "train across processes; run the study in one process (python -m ssl_vit.study)")
     runs = plan(study, allot(study, len(source.train), source.num_classes or 10))
     if state.is_main_process:
         claim_folder(out, study)

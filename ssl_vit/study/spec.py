@@ -13,6 +13,8 @@ is named in the error when it is wrong, with the valid ones.
     kind = "knn"                         # knn | fewshot | linear | finetune
     data = ["../shared/data/cifar10"]    # one --data form or a list (default: the study's data)
     # and the evaluation's own settings (its command's flags, with underscores): max_train = 2000
+    # (finetune: eval.finetune's flags but out, device and the columns: steps = 500, lr = 0.003;
+    # each run fine-tunes in DIR/finetune/<run>/, reporting top1)
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Callable, ContextManager, Optional
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..data.device import DeviceBatch
 from ..objectives import StepInfo
@@ -134,6 +135,8 @@ def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.o
     hooks.before_optimizer_step(info)
     global_clip = clip_grad if clip_grad > 0 and clip_mode == "norm" else math.inf
     grad_norm = acc.clip_grad_norm_(model.parameters(), global_clip)  # also unscales fp16 gradients
+    if isinstance(grad_norm, DTensor):  # FSDP2: a plain tensor for the all-reduces below and the logs (torch
+        grad_norm = grad_norm.full_tensor()  # 2.11 has no sharding rule for all_reduce on a DTensor)
     if clip_grad > 0 and clip_mode == "per_param":
         clip_per_parameter(model.parameters(), clip_grad)
     check = loss_sum if acc.mixed_precision == "fp16" else loss_sum + grad_norm  # fp16: the scaler skips inf grads

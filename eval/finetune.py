@@ -36,6 +36,7 @@ from typing import Optional
 
 from ssl_vit.config import unwrap_optional
 from ssl_vit.evaluation.features import labelled_source
+from ssl_vit.train import end_processes
 from ssl_vit.evaluation.finetune import (CPU_BATCH, CPU_STEPS, GPU_BATCH, GPU_STEPS, MAE_SIZES, PROTOCOLS,
                                          FinetuneSettings, Protocol, build_run, finetune)
 
@@ -97,6 +98,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     for spec, data, run in runs:
         record, main_process = finetune(run)
         records.append({"checkpoint": spec, "data": data, "protocol": args.protocol, **record})
+    end_processes()  # after every run: each trains in the same processes
     if main_process:
         print_table(["checkpoint", "data", "accuracy (%)", "steps", "epochs", "img_size", "run"],
                     [[r["checkpoint"], r["data"], percent(r["accuracy"]), r["steps"], f"{r['epochs']:.2f}",

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import small_digits
+from conftest import free_port, small_digits
 
 from ssl_vit.errors import ConfigError
 from ssl_vit.study.__main__ import run_study
@@ -165,3 +165,21 @@ def test_rerunning_a_finished_study_trains_and_evaluates_nothing_again(tiny_stud
     assert len(done) == 6 + 6 * 2  # 2 seeds x (baseline + 2 objectives); each x 2 evaluations
     assert run_study(path, str(out)) == records
     assert {p: p.stat().st_mtime_ns for p in done} == before
+
+
+def test_a_study_under_two_processes_trains_every_run_on_both(tmp_path):
+    """Each run goes through the one loop on all processes, one after another (the process group lives
+    until the study ends), and the evaluations run once."""
+    path = _write(tmp_path, TINY.replace("seeds = [0, 1]", "seeds = [0]").split("[[eval]]")[0]
+                  + '[[eval]]\nkind = "knn"\nk = [5]\n')
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", free_port(), "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "ssl_vit.study", path, "--out", str(tmp_path / "out")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "3 runs on 2 process(es)" in done.stdout
+    records = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["objective"], r["metric"]) for r in records] == [("baseline", "k5_top1"), ("supervised", "k5_top1"),
+                                                               ("mae", "k5_top1")]

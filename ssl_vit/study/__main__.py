@@ -17,10 +17,12 @@ from typing import Optional
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from ..checkpoint import atomic_write
 from ..data import load_data
 from ..errors import ConfigError, run_cli
+from ..train import end_processes
 from .budget import allot
 from .evaluate import check_evaluations, evaluate
 from .figures import final_metrics, monitor_curves
@@ -95,7 +97,7 @@ def run_study(path: str, out: str, device: Optional[str] = None) -> list[dict]:
     source = check_data(study)
     if study.budget_kind == "epochs" and not hasattr(source.train, "__len__"):
         raise ConfigError(f"{path} budget: epochs need a data set of known size; {study.data} is streamed")
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as the runs' Accelerator will see it
     if state.num_processes > 1 and any(e.kind == "finetune" for e in study.evals):
         raise ConfigError(f"{path}: a study evaluates on the main process alone, where a finetune evaluation cannot "
                           "train across processes; run the study in one process (python -m ssl_vit.study)")
@@ -103,6 +105,8 @@ def run_study(path: str, out: str, device: Optional[str] = None) -> list[dict]:
     if state.is_main_process:
         claim_folder(out, study)
     state.wait_for_everyone()
+    if state.is_main_process:
+        print(f"study {path}: {len(runs)} runs on {state.num_processes} process(es), {out}", flush=True)
     for run in runs:
         if not finished(out, run):
             pretrain(study, out, run)
@@ -112,6 +116,7 @@ def run_study(path: str, out: str, device: Optional[str] = None) -> list[dict]:
         records = evaluate_all(study, out, runs, dev)
         report(study, out, runs, records)
     state.wait_for_everyone()
+    end_processes()
     return records
 
 

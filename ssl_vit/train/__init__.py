@@ -17,7 +17,7 @@ import os
 from typing import Optional
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -41,7 +41,7 @@ from .step import optimizer_step
 from .summary import run_summary
 from .trackers import build_trackers, check_installed, start_trackers
 
-__all__ = ["NonFiniteError", "Trainer", "default_out", "run_recipe", "train"]
+__all__ = ["NonFiniteError", "Trainer", "default_out", "end_processes", "run_recipe", "train"]
 
 
 def plain(model: torch.nn.Module, acc: Accelerator) -> Objective:
@@ -243,7 +243,8 @@ class Trainer:
         for line in plain(self.model, acc).summary():
             acc.print(line)
         path = self._write_checkpoint(step, results)
-        acc.end_training()
+        for tracker in acc.trackers:  # end_training's tracker part: its destroy_process_group would stop
+            tracker.finish()  # this process training again (a study's next run): see end_processes
         if acc.is_main_process:
             for line in run_summary(plain(self.model, acc), self.log.last_record(), results, path, tc.data,
                                     self.source.has_labels):
@@ -255,6 +256,12 @@ def train(run: RunConfig) -> str:
     return Trainer(run).run()
 
 
+def end_processes() -> None:
+    """Destroy the process group (what ``Accelerator.end_training`` would), once a command has run all
+    its trainings: a study or a fine-tuning of several checkpoints trains again in the same processes."""
+    PartialState().destroy_process_group()
+
+
 def run_recipe(objective: str, defaults: Optional[dict] = None, argv: Optional[list[str]] = None,
                description: str = "") -> str:
     """Parse the command line over ``defaults`` (None: the objective's ``recipe_defaults``) and
@@ -264,4 +271,6 @@ def run_recipe(objective: str, defaults: Optional[dict] = None, argv: Optional[l
     cls = get_objective(objective)
     run = parse_run_config(objective, cls.Config, cls.recipe_defaults if defaults is None else defaults, argv,
                            description)
-    return train(run)
+    path = train(run)
+    end_processes()
+    return path

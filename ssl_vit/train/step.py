@@ -92,7 +92,7 @@ def update_unless(found_inf: torch.Tensor, optimizer: torch.optim.Optimizer) -> 
 def end_step_unless(bad: torch.Tensor, hooks, info: StepInfo) -> None:
     """The objective's ``end_step`` (an EMA teacher, a centre), undone on the device where ``bad``:
     the tensors it names in ``step_state()`` are copied before and restored after by ``torch.where``."""
-    state = list(getattr(hooks, "step_state", list)())
+    state = list(hooks.step_state())
     with torch.no_grad():
         before = [t.clone() for t in state]
     hooks.end_step(info)

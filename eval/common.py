@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ssl_vit.checkpoint import atomic_write
+from ssl_vit.checkpoint import atomic_write_text
 from ssl_vit.errors import EvalError, run_cli  # noqa: F401  (run_cli: every command's entry point)
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "ssl_vit", "features")
@@ -94,5 +94,5 @@ def pivot_table(records: list[dict], column_key: str, cell: Callable[[dict], str
 
 def write_json(path: Optional[str], records: list[dict]) -> None:
     if path:
-        atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(records, indent=2) + "\n"))
+        atomic_write_text(path, json.dumps(records, indent=2) + "\n")
         print(f"wrote {len(records)} records to {path}")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.decomposition import PCA
 
-from ssl_vit.checkpoint import atomic_write, backbone_info
+from ssl_vit.checkpoint import atomic_write, atomic_write_text, backbone_info
 from ssl_vit.data import DataSource, ImageDataset
 from ssl_vit.names import short_name
 
@@ -191,7 +191,7 @@ def write_outputs(views: list[View], out: str) -> dict:
         figures[filename] = {"panels": panel_count(fig)}
     payload = {"figures": figures, "records": [v.record for v in views]}
     text = json.dumps(payload, indent=1) + "\n"
-    atomic_write(os.path.join(out, "embedding.json"), lambda tmp: open(tmp, "w").write(text))
+    atomic_write_text(os.path.join(out, "embedding.json"), text)
     return payload
 
 

@@ -78,6 +78,14 @@ def atomic_write(path: str, write) -> None:
             os.remove(tmp)
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """``text`` written to ``path`` atomically (``atomic_write``), the file closed before the rename."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+    atomic_write(path, write)
+
+
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 

@@ -19,7 +19,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write_text
 from ..data import load_data
 from ..errors import ConfigError, run_cli
 from ..train import end_processes
@@ -55,7 +55,7 @@ def claim_folder(out: str, study: Study) -> None:
                               "or restore the study file")
         return
     os.makedirs(out, exist_ok=True)
-    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(now, indent=1)))
+    atomic_write_text(path, json.dumps(now, indent=1))
 
 
 def check_data(study: Study):

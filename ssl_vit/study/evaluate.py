@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write_text
 from ..errors import ConfigError, UserError
 from ..evaluation.features import Features, FeatureExtractor
 from ..evaluation.fewshot import fewshot
@@ -117,5 +117,5 @@ def evaluate(out: str, run_name: str, checkpoint: str, e: Evaluation, data: str,
     metrics = EVALUATORS[e.kind][0](target, e.settings)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     record = {"checkpoint": checkpoint, "kind": e.kind, "data": data, "settings": e.settings, "metrics": metrics}
-    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(record, indent=1)))
+    atomic_write_text(path, json.dumps(record, indent=1))
     return metrics

@@ -11,14 +11,10 @@ import os
 import statistics
 from collections import defaultdict
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write_text
 from .runs import BASELINE
 
 FIELDS = ("objective", "seed", "eval", "data", "metric", "value", "steps", "images", "flops", "wall_s")
-
-
-def _write_text(path: str, text: str) -> None:
-    atomic_write(path, lambda tmp: open(tmp, "w").write(text))
 
 
 def column(record: dict) -> str:
@@ -71,11 +67,11 @@ def markdown(records: list[dict], budget: str) -> str:
 def write_results(out: str, records: list[dict], budget: str) -> list[str]:
     """results.json, results.csv and results.md in ``out``; returns their paths."""
     paths = [os.path.join(out, f"results.{ext}") for ext in ("json", "csv", "md")]
-    _write_text(paths[0], json.dumps(records, indent=1) + "\n")
+    atomic_write_text(paths[0], json.dumps(records, indent=1) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(records)
-    _write_text(paths[1], buffer.getvalue())
-    _write_text(paths[2], markdown(records, budget))
+    atomic_write_text(paths[1], buffer.getvalue())
+    atomic_write_text(paths[2], markdown(records, budget))
     return paths

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from ..checkpoint import atomic_write, load_checkpoint
+from ..checkpoint import atomic_write_text, load_checkpoint
 from ..train import train
 from .budget import Allotment
 from .spec import Study
@@ -69,7 +69,7 @@ def add_seconds(out: str, name: str, seconds: float) -> None:
     """Wall time accumulates over the sessions a run took (a killed session's part is not counted)."""
     times = read_times(out)
     times[name] = times.get(name, 0.0) + seconds
-    atomic_write(os.path.join(out, "times.json"), lambda tmp: open(tmp, "w").write(json.dumps(times, indent=1)))
+    atomic_write_text(os.path.join(out, "times.json"), json.dumps(times, indent=1))
 
 
 def read_times(out: str) -> dict[str, float]:

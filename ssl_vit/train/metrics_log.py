@@ -11,7 +11,7 @@ import time
 import torch
 from accelerate import Accelerator
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write_text
 from .run_folder import METRICS_FILE
 from .step import StepResult
 
@@ -58,7 +58,7 @@ class MetricLog:
             return
         with open(self.path) as fh:
             kept = [line for line in fh if _step_of(line) is not None and _step_of(line) <= step]
-        atomic_write(self.path, lambda tmp: open(tmp, "w").write("".join(kept)))
+        atomic_write_text(self.path, "".join(kept))
 
     def last_record(self) -> dict:
         """The last training record (one with a loss) in ``metrics.jsonl``, written by this process or,

@@ -19,7 +19,8 @@ from typing import Optional
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from ..checkpoint import ADDED_OBJECTIVE_SETTINGS, CheckpointError, DiskFullError, atomic_write, disk_full
+from ..checkpoint import (ADDED_OBJECTIVE_SETTINGS, CheckpointError, DiskFullError, atomic_write, atomic_write_text,
+                          disk_full)
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..names import folder_safe
@@ -85,7 +86,7 @@ def check_config(out: str, run: RunConfig) -> None:
 def write_config(out: str, run: RunConfig) -> None:
     """Save the resolved settings (after every check has passed: nothing is written before)."""
     text = json.dumps(run.to_dict(), indent=2)
-    atomic_write(os.path.join(out, CONFIG_FILE), lambda tmp: open(tmp, "w").write(text))
+    atomic_write_text(os.path.join(out, CONFIG_FILE), text)
 
 
 class RunLock:
@@ -144,7 +145,7 @@ def check_shared(out: str, acc: Accelerator, wait_s: float = SHARED_WAIT_S) -> N
     token = broadcast_object_list([uuid.uuid4().hex if acc.is_main_process else None])[0]
     path = os.path.join(out, SHARED_FILE)
     if acc.is_main_process:
-        atomic_write(path, lambda tmp: open(tmp, "w").write(token))
+        atomic_write_text(path, token)
     acc.wait_for_everyone()
     blind = [rank for rank, seen in enumerate(gather_object([_sees(path, token, wait_s)])) if not seen]
     if blind:

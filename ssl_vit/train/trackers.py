@@ -20,7 +20,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write_text
 from ..config import RunConfig, requested_trackers
 from ..errors import UserError
 from .run_folder import RESUMABLE_CHANGES, TRACKERS_FILE, has_saved_state
@@ -121,4 +121,4 @@ def start_trackers(acc: Accelerator, run: RunConfig, out: str) -> None:
     ids = {t.name: RUN_ID[t.name](t.tracker) for t in acc.trackers if t.name in RUN_ID}
     if ids:
         text = json.dumps({**kept_run_ids(out), **ids}, indent=2)
-        atomic_write(os.path.join(out, TRACKERS_FILE), lambda tmp: open(tmp, "w").write(text))
+        atomic_write_text(os.path.join(out, TRACKERS_FILE), text)

@@ -29,6 +29,7 @@ import argparse
 import io
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -188,23 +189,41 @@ def timm_rate(source: DataSource, objective: str, img_size: int, workers: int, s
 
 
 # ----- the table -----
+def pil_and_timm(source: DataSource, objective: str, img_size: int, workers: int, seconds: float,
+                 device: torch.device) -> tuple[tuple[float, float], Optional[tuple[float, float]]]:
+    """One turn of the PIL path, then timm's (None for objectives it has no loader for)."""
+    pil = pil_rate(source, objective, img_size, workers, seconds, device)
+    return pil, timm_rate(source, objective, img_size, workers, seconds, device) if objective in CROP_AND_FLIP else None
+
+
+def medians(rates: list[tuple[float, float]]) -> tuple[float, float]:
+    """The median images/s and images per core of several rounds."""
+    return statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
+
+
 def measure(img_size: int, objectives: list[str], workers: int, seconds: float, device: torch.device,
-            n_images: Optional[int] = None) -> list[dict]:
+            n_images: Optional[int] = None, rounds: int = 1) -> list[dict]:
+    """A row per objective. With ``rounds`` > 1, the PIL and timm paths take turns that many times and
+    the row holds the medians, and the median of the rounds' ratios (each round's two paths measured
+    seconds apart, under the same load)."""
     source = data_for(img_size, n_images or IMAGES[img_size])
     t0 = time.perf_counter()
     images, labels = decode_split(source.train, source.image_column, source.label_column, source.name, device)
     decode_s = time.perf_counter() - t0
     rows = []
     for objective in objectives:
-        pil, pil_core = pil_rate(source, objective, img_size, workers, seconds, device)
+        turns = [pil_and_timm(source, objective, img_size, workers, seconds, device) for _ in range(rounds)]
+        pil, pil_core = medians([p for p, _ in turns])
         on_device, device_core = device_rate(images, labels, objective, img_size, seconds)
         row = {"img_size": img_size, "objective": objective, "data": source.name, "batch_size": BATCH[img_size],
-               "workers": workers, "pil_images_per_s": pil, "pil_per_core": pil_core, "device": device.type,
-               "device_images_per_s": on_device, "device_per_core": device_core, "device_decode_s": decode_s,
-               "device_over_pil_per_core": device_core / pil_core}
+               "workers": workers, "rounds": rounds, "pil_images_per_s": pil, "pil_per_core": pil_core,
+               "device": device.type, "device_images_per_s": on_device, "device_per_core": device_core,
+               "device_decode_s": decode_s, "device_over_pil_per_core": device_core / pil_core}
         if objective in CROP_AND_FLIP:
-            timm, timm_core = timm_rate(source, objective, img_size, workers, seconds, device)
-            row.update(timm_images_per_s=timm, timm_per_core=timm_core, pil_over_timm_per_core=pil_core / timm_core)
+            timm, timm_core = medians([t for _, t in turns])
+            ratios = [p[1] / t[1] for p, t in turns]
+            row.update(timm_images_per_s=timm, timm_per_core=timm_core,
+                       pil_over_timm_per_core=statistics.median(ratios), pil_over_timm_per_core_rounds=ratios)
         rows.append(row)
         print(format_row(row), flush=True)
     return rows
@@ -228,6 +247,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--img-size", type=int, nargs="+", default=[32, 224], choices=sorted(BATCH))
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per path (after warm-up)")
+    p.add_argument("--rounds", type=int, default=1, help="turns of the PIL and timm paths; the medians are kept")
     p.add_argument("--workers", default="1", help="loader workers of the PIL and timm paths (auto: as the trainer; "
                    "each worker blurs the CPU count by up to a batch in flight at either end)")
     p.add_argument("--batch-size", type=int, help="images per batch (default: 128 at 32 px, 64 at 224 px)")
@@ -252,7 +272,7 @@ def run(args, device: torch.device, workers: int, argv: Optional[list[str]]) -> 
           "is the CPU cores each path needs to keep up")
     print(HEADER)
     rows = [row for size in args.img_size
-            for row in measure(size, args.objectives, workers, args.seconds, device, args.images)]
+            for row in measure(size, args.objectives, workers, args.seconds, device, args.images, args.rounds)]
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
               "command": " ".join(["python", "benchmarks/loader_speed.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -134,7 +134,6 @@ class Trainee:
     before_optimizer_step: Callable[[StepInfo], None]
     end_step: Callable[[StepInfo], None]
     note: str = ""
-    step_state: Callable[[], list] = list  # the tensors end_step changes (ours: restored after a non-finite step)
     finite: Optional[torch.Tensor] = None  # 0-d bool: every step so far was finite; read after a turn
 
     def __post_init__(self):
@@ -176,8 +175,7 @@ def build_trainee(spec: Spec) -> Trainee:
         return Trainee(spec, objective, lambda m, b: m(b)[0], batch, optimizer, run.train.clip_grad,
                        run.train.clip_grad_mode,
                        start_step=lambda i: objective.start_step(i, optimizer),
-                       before_optimizer_step=objective.before_optimizer_step, end_step=objective.end_step,
-                       step_state=objective.step_state)
+                       before_optimizer_step=objective.before_optimizer_step, end_step=objective.end_step)
     builder = dict(REFERENCES.get(spec.objective, []))[spec.impl]
     with torch.device("meta"):  # our backbone's geometry, without allocating its weights
         geometry = Geometry.of(build_backbone(run.backbone))
@@ -199,7 +197,7 @@ def train_step(t: Trainee, step: int, audit: Optional[SyncAudit] = None, eager: 
     info = dataclasses.replace(STEP_HORIZON, step=step)
     module = t.eager if eager else t.module
     hooks = SimpleNamespace(start_step=lambda i, _: t.start_step(i), before_optimizer_step=t.before_optimizer_step,
-                            end_step=t.end_step, step_state=t.step_state)
+                            end_step=t.end_step)
     result = optimizer_step(t.acc, t.eager, hooks, t.optimizer, [dict(t.batch)], info, t.clip_grad, t.clip_mode,
                             forward=lambda batch: (t.loss(module, batch), {}),
                             host_sync=audit.ignoring if audit else nullcontext)  # its syncs are the loop's own

@@ -9,9 +9,11 @@ block (the teacher's and the decoder's too) in a unit of its own; the gathered s
 are drawn, two processes' halves of a batch update it as one unsharded process on the whole batch;
 Accelerate's FSDP2 state (what ``save_state`` and ``load_state`` write and read), saved after a step
 that left DINO's last layer alone, resumes model and optimizer exactly; the EMA teacher update on
-shards equals the unsharded update; ``evaluate`` on the sharded model, with test batches shared
+shards equals the unsharded update; the online monitors of the sharded model equal the unsharded
+model's; ``evaluate`` on the sharded model, with test batches shared
 unevenly (one process has more, one batch has no readable image), gives the unsharded numbers;
-DINO and MSN (with its heads' BatchNorm) train under bf16 autocast.
+DINO and MSN (with its heads' BatchNorm) train under bf16 autocast; DINO's per-parameter gradient
+norms come from one all-reduce.
 Prints ``rank R of 2: OBJECTIVE ok`` per objective; the first failed check raises.
 
 Accelerate refuses FSDP on CPUs (its FSDP mode needs an accelerator), so the plugin path
@@ -33,17 +35,19 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.debug import CommDebugMode
 
 from conftest import tiny_vit
 from ssl_vit.config import TrainConfig
 from ssl_vit.data import MEAN, STD
+from ssl_vit.evaluation.monitor import MonitorImages, Monitors
 from ssl_vit.objectives import DataInfo, StepInfo, get_objective
 from ssl_vit.objectives.frozen_teacher import FrozenTeacher
 from ssl_vit.objectives.teacher import TeacherObjective
 from ssl_vit.train.evaluation import evaluate
 from ssl_vit.train.optim import build_optimizer
 from ssl_vit.train.sharding import full_state_dict, init_optimizer_state, shard_objective
-from ssl_vit.train.step import agreed_finite, optimizer_step
+from ssl_vit.train.step import agreed_finite, optimizer_step, parameter_norms
 
 CLASSES = 10
 DATA = DataInfo("test", CLASSES, None, MEAN, STD, 16)
@@ -117,15 +121,20 @@ def load_gathered(reference, objective) -> None:
 
 
 def check_ema(objective, reference) -> None:
-    """After a training step (student != teacher): the EMA on shards equals the unsharded EMA."""
+    """After a training step (student != teacher): the EMA on shards equals the unsharded EMA, and one
+    for a step dropped on the device leaves the teacher as it was."""
     load_gathered(reference, objective)
     student = [p.full_tensor() for p in objective._student_parameters()]
     teacher = [p.full_tensor() for p in objective._teacher_parameters()]
     assert any(not torch.equal(s, t) for s, t in zip(student, teacher)), "the step left the teacher = student"
-    objective.update_teacher(3, 10)
-    reference.update_teacher(3, 10)
+    before = full_state_dict(objective)
+    objective.update_teacher(StepInfo(3, 10, 0, 1, applied=torch.tensor(False)))  # a step dropped on the device
+    dropped = full_state_dict(objective)
+    objective.update_teacher(StepInfo(3, 10, 0, 1, applied=torch.tensor(True)))
+    reference.update_teacher(StepInfo(3, 10, 0, 1))
     after = full_state_dict(objective)
     if dist.get_rank() == 0:
+        assert_equal_states(dropped, before, "teacher after a dropped step's EMA")
         assert_equal_states(after, reference.state_dict(), "teacher after the EMA")
 
 
@@ -220,6 +229,38 @@ def check_bf16(name: str, mesh) -> None:
     assert loss.dtype == torch.float32 and torch.isfinite(loss), f"{name}: bf16 loss {loss}"
 
 
+def check_monitors(name: str, objective, reference, acc: Accelerator) -> None:
+    """The online monitors of the sharded objective (every process runs the forward passes, the main
+    process measures) give the unsharded objective's numbers."""
+    g = torch.Generator().manual_seed(1)
+    images = MonitorImages(torch.randn(30, 3, 16, 16, generator=g), torch.arange(30) % 3,
+                           torch.randn(9, 3, 16, 16, generator=g), torch.arange(9) % 3, 3)
+    names = ("knn", "fewshot", "rankme")
+    got = Monitors(names, 2, acc, images)(2, 10, objective)
+    load_gathered(reference, objective)
+    want = Monitors(names, 2, acc, images)(2, 10, reference)
+    if dist.get_rank():
+        assert got is None and want is None, f"{name}: monitors on rank {dist.get_rank()}: {got}"
+        return
+    assert got.keys() == want.keys() == {"monitor_knn_top1", "monitor_fewshot_10shot", "monitor_rankme"}, got
+    for k in got:
+        assert math.isclose(got[k], want[k], rel_tol=1e-4), f"{name}: sharded {k} {got[k]} != {want[k]}"
+
+
+def check_norms(name: str, objective, data: dict) -> None:
+    """The per-parameter norms DINO clips with, of sharded gradients: each whole gradient's norm, from
+    one all-reduce (not one per parameter)."""
+    loss, _ = objective(data)
+    loss.backward()
+    grads = [p.grad for p in objective.parameters() if p.grad is not None]
+    want = torch.stack([g.full_tensor().norm() for g in grads])
+    with CommDebugMode() as comm:
+        got = torch.stack(parameter_norms(grads))
+    objective.zero_grad(set_to_none=True)
+    assert comm.get_total_counts() == 1, f"{name}: {comm.get_total_counts()} collectives for the norms"
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), f"{name}: sharded norms {got} != {want}"
+
+
 def check_agreed_finite(acc: Accelerator) -> None:
     """A loss that is non-finite on one process alone drops the step on every process."""
     mine = torch.tensor(math.inf if dist.get_rank() == 0 else 1.0)
@@ -252,6 +293,9 @@ def main(names: list[str]) -> None:
             check_bf16(name, mesh)
         if objective.has_test_metric:
             check_evaluation(name, objective, reference, acc)
+        check_monitors(name, objective, reference, acc)
+        if name == "dino":  # the objective that clips each parameter
+            check_norms(name, objective, half(whole, dist.get_rank()))
         print(f"rank {dist.get_rank()} of {dist.get_world_size()}: {name} ok", flush=True)
 
 

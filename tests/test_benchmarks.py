@@ -79,9 +79,11 @@ def test_loader_speed_runs_without_the_data_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(loader_speed, "CIFAR10", tmp_path / "missing")
     monkeypatch.setattr(loader_speed, "MIN_BATCHES", 1)
     record = loader_speed.main(["--img-size", "32", "--objectives", "supervised", "dino", "--seconds", "0",
-                                "--images", "64", "--batch-size", "16", "--workers", "0", "--device", "cpu", "--json", str(tmp_path / "o.json")])
+                                "--images", "64", "--batch-size", "16", "--workers", "0", "--device", "cpu", "--rounds", "2",
+                                "--json", str(tmp_path / "o.json")])
     rows = {row["objective"]: row for row in record["rows"]}
     assert set(rows) == {"supervised", "dino"} and rows["supervised"]["data"] == "synthetic 32px PNG"
     assert all(rows[o][k] > 0 for o in rows for k in ("pil_per_core", "device_per_core", "device_over_pil_per_core"))
     assert rows["supervised"]["timm_per_core"] > 0 and "timm_per_core" not in rows["dino"]  # timm has no multi-crop
+    assert len(rows["supervised"]["pil_over_timm_per_core_rounds"]) == 2  # the paths took turns
     assert (tmp_path / "o.json").exists()

@@ -1,5 +1,6 @@
 """Online monitors during pretraining (``--monitor``): logged at their steps, the numbers of the
-``eval`` commands, label-free RankMe, a clear refusal without labels, measured once under two processes."""
+``eval`` commands, label-free RankMe, a clear refusal without labels, measured once under two processes
+(a sharded objective's monitors: ``fsdp_run.py``)."""
 
 import json
 import math
@@ -11,11 +12,13 @@ import torch
 from conftest import launch_processes, tiny_vit
 from eval import knn as knn_cli
 from ssl_vit.checkpoint import load_checkpoint
-from ssl_vit.data import load_data
+from ssl_vit.config import TrainConfig
+from ssl_vit.data import MEAN, STD, load_data
 from ssl_vit.errors import ConfigError
 from ssl_vit.evaluation import monitor as monitor_mod
 from ssl_vit.evaluation.monitor import MonitorImages, Monitors
 from ssl_vit.evaluation.rankme import rankme
+from ssl_vit.objectives import DataInfo
 from ssl_vit.train import run_recipe
 from ssl_vit.viz.curves import curve_keys, plot_curves
 
@@ -82,7 +85,7 @@ def test_the_monitor_measures_the_exported_backbone_in_eval_mode_and_gives_it_ba
     teacher.train()
     objective = SimpleNamespace(backbone=student, export_backbone=lambda: teacher)  # as DINO: ckpt.pt holds the teacher
     seen, embed = [], monitor_mod.embed
-    monkeypatch.setattr(monitor_mod, "embed", lambda b, x: seen.append((b, b.training)) or embed(b, x))
+    monkeypatch.setattr(monitor_mod, "embed", lambda b, x, f: seen.append((b, b.training)) or embed(b, x, f))
     images = MonitorImages(torch.randn(30, 3, 16, 16), torch.arange(30) % 3, torch.randn(9, 3, 16, 16),
                            torch.arange(9) % 3, 3)
     acc = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
@@ -114,14 +117,16 @@ def test_unknown_monitors_and_too_small_subsets_are_refused_by_name(tmp_path):
                                            "--out", str(tmp_path / "b")])
 
 
-def test_monitors_under_fsdp_are_refused_naming_the_alternative():
+def test_under_fsdp_every_process_decodes_the_monitor_images_and_under_ddp_the_main_one():
     from accelerate.utils import DistributedType
 
-    from ssl_vit.config import TrainConfig
-
-    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, is_main_process=True)
-    with pytest.raises(ConfigError, match="--monitor knn is not available under FSDP yet: drop --monitor"):
-        Monitors.build(TrainConfig(monitor="knn"), load_data("default"), None, fsdp)
+    tc, info = TrainConfig(monitor="rankme", monitor_max_train=24), DataInfo("default", 10, None, MEAN, STD, 16)
+    for kind, main, decoded in [(DistributedType.FSDP, False, True), (DistributedType.MULTI_CPU, False, False),
+                                (DistributedType.MULTI_CPU, True, True)]:
+        acc = SimpleNamespace(distributed_type=kind, is_main_process=main)
+        images = Monitors.build(tc, load_data("default"), info, acc).images
+        assert (images is not None) == decoded, (kind, main)
+    assert images.train.shape == (24, 3, 16, 16)
 
 
 def test_two_processes_log_each_monitor_once_with_one_processs_numbers(tmp_path):

@@ -16,19 +16,21 @@ evaluators. Records go to ``metrics.jsonl`` and the trackers under:
 * ``monitor_rankme``: RankMe of the train subset's embeddings (label-free).
 
 Under several processes the main process measures and the others wait: every process holds the
-same weights, so one measurement is the measurement. Untested with a sharded (FSDP) backbone, whose
-forward pass would need every process.
+same weights, so one measurement is the measurement. A sharded (FSDP) objective's forward pass needs
+every process: there every process decodes the subsets and runs the same forward passes
+(``Objective.represent``, in lockstep), and the main process alone computes the metrics.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from ..config import TrainConfig, requested_monitors
 from ..data import DataSource, eval_crop_fraction, eval_transform, load_data
@@ -106,12 +108,10 @@ class Monitors:
         names = requested_monitors(tc.monitor)
         if not names:
             return cls(names, tc.monitor_every, acc, None)
-        if acc.distributed_type == DistributedType.FSDP:  # the main process alone cannot run a sharded backbone
-            raise ConfigError(f"--monitor {tc.monitor} is not available under FSDP yet: drop --monitor, and "
-                              "evaluate the run's ckpt.pt afterwards (python -m eval.knn, eval.fewshot)")
         source = monitor_source(tc, source, names)
         labelled = any(n in NEED_LABELS for n in names)
-        images = decode_images(tc, source, info, labelled, workers) if acc.is_main_process else None
+        everyone = acc.distributed_type == DistributedType.FSDP  # each process takes part in the forward passes
+        images = decode_images(tc, source, info, labelled, workers) if acc.is_main_process or everyone else None
         if images is not None and labelled:
             check_subset(images, names)
         return cls(names, tc.monitor_every, acc, images)
@@ -119,16 +119,22 @@ class Monitors:
     def __call__(self, step: int, end: int, objective: Objective) -> Optional[dict]:
         if not self.names or (step % self.every and step != end):
             return None
-        results = self.measure(objective.export_backbone()) if self.acc.is_main_process else None
+        sharded = isinstance(objective, FSDPModule)
+        results = None
+        if self.acc.is_main_process or sharded:
+            results = self.measure(objective.export_backbone(), objective.represent if sharded else None)
         self.acc.wait_for_everyone()
-        return results
+        return results if self.acc.is_main_process else None
 
-    def measure(self, backbone: nn.Module) -> dict:
-        """The ``monitor_*`` metrics of ``backbone`` on the decoded subsets."""
+    def measure(self, backbone: nn.Module, forward: Optional[Callable] = None) -> dict:
+        """The ``monitor_*`` metrics of ``backbone`` on the decoded subsets (on the main process; {}
+        elsewhere). ``forward``: images -> representations, default ``backbone``."""
         im, results = self.images, {}
         with eval_mode(backbone), torch.no_grad():
-            train = embed(backbone, im.train)
-            test = embed(backbone, im.test) if im.test is not None else None
+            train = embed(backbone, im.train, forward)
+            test = embed(backbone, im.test, forward) if im.test is not None else None
+        if not self.acc.is_main_process:
+            return results
         if im.test is not None:
             feats = Features(train, im.train_labels, test, im.test_labels, im.num_classes)
             if "knn" in self.names:
@@ -153,9 +159,10 @@ def check_subset(images: MonitorImages, names: tuple[str, ...]) -> None:
                               "--monitor-max-train or use larger --monitor-data")
 
 
-def embed(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] (CPU) -> [N, D] float32 CPU representations, ``BATCH`` images per forward pass."""
-    device = next(backbone.parameters()).device
+def embed(backbone: nn.Module, images: torch.Tensor, forward: Optional[Callable] = None) -> torch.Tensor:
+    """[N, C, H, W] (CPU) -> [N, D] float32 CPU representations of ``backbone`` (through ``forward``, by
+    default the backbone itself), ``BATCH`` images per forward pass."""
+    device, forward = next(backbone.parameters()).device, forward or backbone
     with frozen_autocast(device):
-        return torch.cat([backbone(images[i:i + BATCH].to(device)).float().cpu()
+        return torch.cat([forward(images[i:i + BATCH].to(device)).float().cpu()
                           for i in range(0, len(images), BATCH)])

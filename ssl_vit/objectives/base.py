@@ -36,6 +36,9 @@ class StepInfo:
     total_steps: int
     epoch: int
     steps_per_epoch: int
+    # end_step: 0-d bool on the device, whether this step's update was applied (False: dropped, a non-finite
+    # loss or gradient found without a host sync); what end_step changes must then stay as it was. None: applied
+    applied: Optional[torch.Tensor] = None
 
 
 class Objective(nn.Module):
@@ -80,11 +83,8 @@ class Objective(nn.Module):
         """After backward on all micro-batches, before clipping and the update (gradient surgery)."""
 
     def end_step(self, info: StepInfo) -> None:
-        """After the optimizer step (EMA teachers, centres); once per step, whatever the accumulation."""
-
-    def step_state(self) -> list[torch.Tensor]:
-        """The tensors ``end_step`` changes; a non-finite step restores them on the device."""
-        return []
+        """After the optimizer step (EMA teachers, centres); once per step, whatever the accumulation.
+        Where ``info.applied`` is False on the device, leave what it changes as it was."""
 
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         """Sums over a test batch (e.g. correct and count); only called when ``has_test_metric``."""
@@ -107,6 +107,12 @@ class Objective(nn.Module):
     def export_backbone(self) -> Backbone:
         """The backbone written to ``ckpt.pt`` (DINO: the teacher)."""
         return self.backbone
+
+    def represent(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, D]: the representation of ``export_backbone()``. Sharded (FSDP), a forward
+        method of the root unit (``sharding.shard_objective``), which gathers the embeddings and norms
+        the root holds; the backbone's own call would meet them sharded."""
+        return self.export_backbone()(images)
 
     def objective_state(self, state: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         """This objective's own tensors for ``ckpt.pt`` (heads, decoders, tokens, a student): its

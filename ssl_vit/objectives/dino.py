@@ -212,12 +212,10 @@ class DINO(TeacherObjective):
         if self._teacher_mean.empty:  # no training forward in this step
             return
         batch_center = self._teacher_mean.pop(over_processes=True)
-        self.center.mul_(self.cfg.center_momentum).add_(batch_center, alpha=1.0 - self.cfg.center_momentum)
-        self.update_teacher(info.step, info.total_steps)
+        center = self.center.mul(self.cfg.center_momentum).add_(batch_center, alpha=1.0 - self.cfg.center_momentum)
+        self.center.copy_(center if info.applied is None else torch.where(info.applied, center, self.center))
+        self.update_teacher(info)
         self.watch.end_step()
-
-    def step_state(self) -> list[torch.Tensor]:
-        return [*super().step_state(), self.center]
 
     def summary(self) -> list[str]:
         if self.watch.last is None:

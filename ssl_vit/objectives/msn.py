@@ -270,7 +270,7 @@ class MSN(TeacherObjective):
     @torch.no_grad()
     def end_step(self, info: StepInfo) -> None:
         """Once per optimizer step: the teacher's EMA of the student, the collapse watch."""
-        self.update_teacher(info.step, info.total_steps)
+        self.update_teacher(info)
         self.watch.end_step()
 
     def summary(self) -> list[str]:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..backbone import Backbone
-from .base import Objective
+from .base import Objective, StepInfo
 
 
 def cosine_schedule(start: float, end: float, progress: float) -> float:
@@ -142,15 +142,18 @@ class TeacherObjective(Objective):
         return cosine_schedule(self.cfg.momentum_teacher, 1.0, step / max(total_steps, 1))
 
     @torch.no_grad()
-    def update_teacher(self, step: int, total_steps: int) -> None:
+    def update_teacher(self, info: StepInfo) -> None:
         """t = m * t + (1 - m) * s over all parameters at once (one kernel per group on a GPU, not one each),
-        on each process's shards when FSDP shards them (``local_shard``)."""
-        m = self.teacher_momentum(step, total_steps)
-        torch._foreach_lerp_([local_shard(t) for t in self._teacher_parameters()],
-                             [local_shard(s) for s in self._student_parameters()], 1.0 - m)
-
-    def step_state(self) -> list[torch.Tensor]:
-        return list(self._teacher_parameters())
+        on each process's shards when FSDP shards them (``local_shard``). A step dropped on the device
+        (``info.applied`` False) lerps by 0, leaving the teacher as it was (the student, not updated, is
+        finite), with no copy of it: the weight is then a device tensor, one kernel per parameter."""
+        m = self.teacher_momentum(info.step, info.total_steps)
+        teacher = [local_shard(t) for t in self._teacher_parameters()]
+        student = [local_shard(s) for s in self._student_parameters()]
+        weight = 1.0 - m
+        if info.applied is not None:  # 0 when the step was dropped
+            weight = [info.applied.to(teacher[0].dtype) * weight] * len(teacher)
+        torch._foreach_lerp_(teacher, student, weight)
 
     def schedule_weight_decay(self, optimizer: torch.optim.Optimizer, progress: float) -> None:
         """Weight decay on a cosine from --weight-decay to ``cfg.weight_decay_end`` (the groups that

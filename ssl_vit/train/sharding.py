@@ -6,8 +6,8 @@ FSDP config (``configs/accelerate/fsdp2.yaml``).
   holds the rest (embeddings, tokens, norms, heads). Every parameter lies in one unit, frozen ones
   too (MAE's fixed position table, an EMA teacher, DINO's last layer while it is frozen): FSDP2
   lets a unit mix them. A module held outside the module tree (distill's frozen teacher) is not
-  sharded: each process keeps a whole copy. ``evaluate_batch`` gathers the root's parameters as
-  ``forward`` does (``register_fsdp_forward_method``).
+  sharded: each process keeps a whole copy. ``evaluate_batch`` and ``represent`` (the online
+  monitors') gather the root's parameters as ``forward`` does (``register_fsdp_forward_method``).
 - ``shard_with_plugin``: the same with the settings of Accelerate's FSDP plugin; Accelerate's own
   wrapping policy is not used (``prepare`` keeps a model that is sharded already).
 - ``full_state_dict``: the whole state with full tensors, gathered by every process together (a
@@ -50,7 +50,8 @@ def shard_objective(objective: Objective, mesh: DeviceMesh, **fsdp_kwargs) -> No
         fully_shard(unit, mesh=mesh, mp_policy=policy, **fsdp_kwargs)
     fully_shard(objective, mesh=mesh, mp_policy=policy,
                 **{k: v for k, v in fsdp_kwargs.items() if k != "reshard_after_forward"})
-    register_fsdp_forward_method(objective, "evaluate_batch")
+    for method in ("evaluate_batch", "represent"):
+        register_fsdp_forward_method(objective, method)
 
 
 def shard_with_plugin(acc: Accelerator, objective: Objective) -> None:

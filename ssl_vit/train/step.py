@@ -8,6 +8,7 @@ save steps). Other optimizers, and fp16 (its scaler calls the optimizer), read t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -48,14 +49,39 @@ def batch_len(images) -> int:
     return len(images[0]) if isinstance(images, list) else len(images)
 
 
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient's tensor on this process: an FSDP2 ``DTensor``'s local shard (a view)."""
+    return grad.to_local() if isinstance(grad, DTensor) else grad
+
+
+def parameter_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each gradient's norm (0-d, on the device). For gradients sharded by FSDP2 (``DTensor``), the local
+    shards' squared norms are summed in one all-reduce per sharded mesh dimension: ``torch._foreach_norm``
+    on the DTensors themselves all-reduces once per parameter (~150 for a ViT-B and DINO's head)."""
+    norms = list(torch._foreach_norm([_local(g) for g in grads]))
+    groups: dict[tuple, list[int]] = {}  # (mesh, its sharded dimensions) -> the gradients sharded so
+    for i, g in enumerate(grads):
+        if isinstance(g, DTensor):
+            dims = tuple(d for d, p in enumerate(g.placements) if p.is_shard())
+            if dims:
+                groups.setdefault((g.device_mesh, dims), []).append(i)
+    for (mesh, dims), members in groups.items():
+        squares = torch.stack([norms[i] for i in members]).float().square()
+        for d in dims:
+            torch.distributed.all_reduce(squares, group=mesh.get_group(d))
+        for i, total in zip(members, squares.sqrt().unbind()):
+            norms[i] = total
+    return norms
+
+
 def clip_per_parameter(parameters, max_norm: float) -> None:
     """DINO's clipping (``utils.clip_gradients``): each parameter's gradient is scaled to norm at most
     ``max_norm`` on its own. By hand: timm's ``dispatch_clip_grad`` clips the global norm, values or
     AGC-style, none per parameter; torch has no per-parameter mode. No host sync."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if grads:
-        scales = [torch.clamp(max_norm / (norm + 1e-6), max=1.0) for norm in torch._foreach_norm(grads)]
-        torch._foreach_mul_(grads, scales)
+        scales = [torch.clamp(max_norm / (norm + 1e-6), max=1.0) for norm in parameter_norms(grads)]
+        torch._foreach_mul_([_local(g) for g in grads], scales)
 
 
 def takes_found_inf(acc: Accelerator, optimizer: torch.optim.Optimizer) -> bool:
@@ -89,25 +115,13 @@ def update_unless(found_inf: torch.Tensor, optimizer: torch.optim.Optimizer) -> 
         del inner.found_inf
 
 
-def end_step_unless(bad: torch.Tensor, hooks, info: StepInfo) -> None:
-    """The objective's ``end_step`` (an EMA teacher, a centre), undone on the device where ``bad``:
-    the tensors it names in ``step_state()`` are copied before and restored after by ``torch.where``."""
-    state = list(hooks.step_state())
-    with torch.no_grad():
-        before = [t.clone() for t in state]
-    hooks.end_step(info)
-    with torch.no_grad():
-        for t, old in zip(state, before):
-            t.copy_(torch.where(bad.to(t.device), old, t))
-
-
 def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.optim.Optimizer,
                    micro_batches: list[dict], info: StepInfo, clip_grad: float, clip_mode: str = "norm",
                    forward: Optional[Callable] = None, host_sync: Callable[[], ContextManager] = nullcontext,
                    on_device: Callable[[dict], dict] = DeviceBatch()) -> StepResult:
     """One update of ``model`` (prepared by ``acc``, or plain) from ``micro_batches``.
 
-    ``hooks``: the objective (``start_step``, ``before_optimizer_step``, ``end_step``, ``step_state``);
+    ``hooks``: the objective (``start_step``, ``before_optimizer_step``, ``end_step``);
     ``forward``: batch -> (loss, metrics), default ``model``. Each micro-batch's loss is divided by
     their number, so accumulation equals the large batch; gradients are all-reduced on the last one only.
     ``clip_mode``: ``norm`` clips the global norm to ``clip_grad``, ``per_param`` each parameter's
@@ -144,7 +158,7 @@ def optimizer_step(acc: Accelerator, model: nn.Module, hooks, optimizer: torch.o
     if takes_found_inf(acc, optimizer):
         update_unless((~finite).float(), optimizer)
         optimizer.zero_grad(set_to_none=True)
-        end_step_unless(~finite, hooks, info)
+        hooks.end_step(dataclasses.replace(info, applied=finite))  # dropped on the device: left as it was
     else:
         with host_sync():
             update = bool(finite.item())

@@ -111,12 +111,13 @@ def save_checkpoint(path: str, backbone: Backbone, *, objective: str, objective_
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """Read a ``ckpt.pt`` safely (weights_only) with errors that say what is wrong."""
+def load_checkpoint(path: str, mmap: bool = False) -> dict[str, Any]:
+    """Read a ``ckpt.pt`` safely (weights_only) with errors that say what is wrong. ``mmap``: map the
+    tensors from the file, read only when used (for a look at the metadata)."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
         raise CheckpointError(
             f"{path} is not a readable ssl_vit checkpoint (truncated, or another kind of file): {err}"

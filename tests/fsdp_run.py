@@ -204,8 +204,15 @@ def check_training(name: str, objective, reference, whole: dict, acc: Accelerato
     bias, into steps of the learning rate's size)."""
     if name in ("masked_patch", "mae", "msn"):  # their masks differ between the processes and one process
         return
+    assert_same_update(name, objective, reference, whole, acc, tc, 2)
+
+
+def assert_same_update(name: str, objective, reference, whole: dict, acc: Accelerator, tc: TrainConfig,
+                       steps: int) -> None:
+    """The sharded ``objective``, trained already, moved the weights as ``reference`` (unsharded, as it
+    was) does in ``steps`` steps on ``whole``, to 0.1% of the update's norm."""
     before = {k: v.detach().clone() for k, v in reference.state_dict().items()}
-    train(name, reference, build_optimizer(reference, tc), acc, whole, range(2))
+    train(name, reference, build_optimizer(reference, tc), acc, whole, range(steps))
     state = full_state_dict(objective)
     if dist.get_rank() == 0:
         def update(weights):
@@ -213,6 +220,24 @@ def check_training(name: str, objective, reference, whole: dict, acc: Accelerato
         want, got = update(reference.state_dict()), update(state)
         error = ((got - want).norm() / want.norm()).item()
         assert error < 1e-3, f"{name}: sharded training moved the weights otherwise (relative error {error:.3g})"
+
+
+def check_first_updates(acc: Accelerator, mesh) -> None:
+    """Optimizers whose state the fill of ``init_optimizer_state`` (a step at lr 0 on zero gradients)
+    would disturb: Adam's coupled weight decay gives zero gradients moments, Lamb counts its steps on
+    the parameter group. The sharded model's first update is the unsharded one's."""
+    whole = batch("supervised", 8, 0)
+    for name in ("adam", "lamb"):
+        tc = TrainConfig(optimizer=name, lr=1e-3, weight_decay=0.05)
+        torch.manual_seed(0)
+        objective = build("supervised").train()
+        reference = copy.deepcopy(objective)
+        shard_objective(objective, mesh)
+        optimizer = build_optimizer(objective, tc)
+        init_optimizer_state(objective, optimizer)
+        train("supervised", objective, optimizer, acc, half(whole, dist.get_rank()), range(1))
+        assert_same_update(f"supervised with {name}", objective, reference, whole, acc, tc, 1)
+    print(f"rank {dist.get_rank()} of {dist.get_world_size()}: first updates ok", flush=True)
 
 
 def check_bf16(name: str, mesh) -> None:
@@ -273,6 +298,7 @@ def main(names: list[str]) -> None:
     assert acc.num_processes == 2 and dist.get_backend() == "gloo", "launch with torchrun --nproc_per_node 2"
     check_agreed_finite(acc)
     mesh = init_device_mesh("cpu", (2,))
+    check_first_updates(acc, mesh)
     tc = TrainConfig(optimizer="adamw", lr=1e-3)
     for name in names:
         torch.manual_seed(0)

@@ -27,6 +27,7 @@ def test_every_objective_shards_trains_and_saves_and_evaluates_as_unsharded():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     for rank in range(2):
         assert f"rank {rank} of 2: finite flag agreed" in done.stdout, done.stdout[-2000:]
+        assert f"rank {rank} of 2: first updates ok" in done.stdout, done.stdout[-2000:]
         for name in SETTINGS:
             assert f"rank {rank} of 2: {name} ok" in done.stdout, done.stdout[-2000:]
 

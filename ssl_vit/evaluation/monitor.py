@@ -116,8 +116,12 @@ class Monitors:
             check_subset(images, names)
         return cls(names, tc.monitor_every, acc, images)
 
+    def due(self, step: int, end: int) -> bool:
+        """Whether monitors run after optimizer step ``step`` of ``end``."""
+        return bool(self.names) and (step % self.every == 0 or step == end)
+
     def __call__(self, step: int, end: int, objective: Objective) -> Optional[dict]:
-        if not self.names or (step % self.every and step != end):
+        if not self.due(step, end):
             return None
         sharded = isinstance(objective, FSDPModule)
         results = None

@@ -51,9 +51,9 @@ def checkpoint_path(out: str, run: PlannedRun) -> str:
 
 
 def finished(out: str, run: PlannedRun) -> bool:
-    """Its ckpt.pt exists at its step count."""
+    """Its ckpt.pt exists at its step count (read from the file's metadata: the weights are mapped, not read)."""
     path = checkpoint_path(out, run)
-    return os.path.exists(path) and load_checkpoint(path)["step"] == run.steps
+    return os.path.exists(path) and load_checkpoint(path, mmap=True)["step"] == run.steps
 
 
 def pretrain(study: Study, out: str, run: PlannedRun) -> None:

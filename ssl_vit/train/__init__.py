@@ -185,7 +185,8 @@ class Trainer:
             record = self.log.record(step, epoch, max(g["lr"] for g in self.optimizer.param_groups))
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             img_s=f"{record['images_per_s']:.0f}")
-        self._report(self.monitors(step, end, plain(self.model, self.acc)), step, f"step {step}: ")
+        if self.monitors.due(step, end):
+            self._report(self.monitors(step, end, plain(self.model, self.acc)), step, f"step {step}: ")
         if evaluate:
             self._report(self.evaluate(), step, f"step {step}: ")
         if save:

@@ -79,15 +79,25 @@ def init_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     would create it. Torch loads a sharded optimizer state only when it holds every trained parameter
     (strict; Accelerate's ``load_state`` passes no other option), and a parameter not updated before a
     save (DINO's last layer, frozen in the first epoch) would have none. Torch fills the state in by a
-    step at lr 0 on zero gradients (``get_optimizer_state_dict``); the step counts go back to 0, so the
-    first real update is the one the optimizer would have made (Adam and AdamW: zero moments at step
-    0; SGD: a momentum of 0 instead of the first gradient, equal without dampening)."""
+    step at lr 0 on zero gradients (``get_optimizer_state_dict``); here its weight decay is 0 too (a
+    coupled decay, Adam's, would give the zero gradients moments), and after it the step counts go back
+    to 0 and the groups to what they were (Lamb and Adan count steps on the group). So the first real
+    update is the one the optimizer would have made for optimizers whose fresh state is zeros (Adam,
+    AdamW, Lamb; SGD: a momentum of 0 instead of the first gradient, equal without dampening)."""
     if not is_sharded(model):
         return
+    groups = [dict(group) for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["weight_decay"] = 0.0
     get_optimizer_state_dict(model, optimizer)
+    for group, saved in zip(optimizer.param_groups, groups):
+        group.clear()
+        group.update(saved)
     for state in optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"].zero_()
+        elif "step" in state:  # a count kept as a number
+            state["step"] = 0
 
 
 def lockstep(batches: Iterable[dict], placeholder: dict, device: torch.device) -> Iterator[tuple[dict, bool]]:

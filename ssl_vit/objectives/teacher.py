@@ -144,9 +144,11 @@ class TeacherObjective(Objective):
     @torch.no_grad()
     def update_teacher(self, info: StepInfo) -> None:
         """t = m * t + (1 - m) * s over all parameters at once (one kernel per group on a GPU, not one each),
-        on each process's shards when FSDP shards them (``local_shard``). A step dropped on the device
-        (``info.applied`` False) lerps by 0, leaving the teacher as it was (the student, not updated, is
-        finite), with no copy of it: the weight is then a device tensor, one kernel per parameter."""
+        on each process's shards when FSDP shards them (``local_shard``). With ``info.applied`` (whether
+        the step was applied, known on the device only) the weight is ``applied * (1 - m)``: 0 for a
+        dropped step, which leaves the teacher exactly as it was (the student, not updated, is finite)
+        with no copy of it. Torch's fused kernel wants weights shaped as the tensors, so this 0-d device
+        weight may cost one kernel per parameter on a GPU (untested there)."""
         m = self.teacher_momentum(info.step, info.total_steps)
         teacher = [local_shard(t) for t in self._teacher_parameters()]
         student = [local_shard(s) for s in self._student_parameters()]

@@ -100,10 +100,10 @@ def batch_views(batch: dict, expected: int, needs: str) -> list[torch.Tensor]:
 
 
 def local_shard(p: torch.Tensor) -> torch.Tensor:
-    """This process's part of a parameter: a DTensor's (FSDP2) local shard, else the whole tensor. A
-    teacher parameter and its student's have one shape and are split alike (dim 0 over the same
-    processes), so an elementwise update of the shards is that of the whole tensors, with no
-    communication."""
+    """This process's part of a parameter (or gradient), detached, sharing its storage: a DTensor's
+    (FSDP2) local shard, else the whole tensor. A teacher parameter and its student's have one shape
+    and are split alike (dim 0 over the same processes), so an elementwise update of the shards is
+    that of the whole tensors, with no communication."""
     return p.detach().to_local() if isinstance(p, DTensor) else p.detach()
 
 

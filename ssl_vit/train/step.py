@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from ..data.device import DeviceBatch
 from ..objectives import StepInfo
+from ..objectives.teacher import local_shard
 
 
 @dataclass
@@ -49,16 +50,11 @@ def batch_len(images) -> int:
     return len(images[0]) if isinstance(images, list) else len(images)
 
 
-def _local(grad: torch.Tensor) -> torch.Tensor:
-    """A gradient's tensor on this process: an FSDP2 ``DTensor``'s local shard (a view)."""
-    return grad.to_local() if isinstance(grad, DTensor) else grad
-
-
 def parameter_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each gradient's norm (0-d, on the device). For gradients sharded by FSDP2 (``DTensor``), the local
     shards' squared norms are summed in one all-reduce per sharded mesh dimension: ``torch._foreach_norm``
     on the DTensors themselves all-reduces once per parameter (~150 for a ViT-B and DINO's head)."""
-    norms = list(torch._foreach_norm([_local(g) for g in grads]))
+    norms = list(torch._foreach_norm([local_shard(g) for g in grads]))
     groups: dict[tuple, list[int]] = {}  # (mesh, its sharded dimensions) -> the gradients sharded so
     for i, g in enumerate(grads):
         if isinstance(g, DTensor):
@@ -81,7 +77,7 @@ def clip_per_parameter(parameters, max_norm: float) -> None:
     grads = [p.grad for p in parameters if p.grad is not None]
     if grads:
         scales = [torch.clamp(max_norm / (norm + 1e-6), max=1.0) for norm in parameter_norms(grads)]
-        torch._foreach_mul_([_local(g) for g in grads], scales)
+        torch._foreach_mul_([local_shard(g) for g in grads], scales)
 
 
 def takes_found_inf(acc: Accelerator, optimizer: torch.optim.Optimizer) -> bool:
